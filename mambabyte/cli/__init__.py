@@ -1,0 +1,1 @@
+"""Command-line front ends. Each sub-command is a module with ``main(argv=None)``."""

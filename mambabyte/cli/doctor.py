@@ -1,0 +1,41 @@
+"""``mambabyte doctor``: the environment and which backend each op uses, and why."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+from .common import ArgumentParser, cli_entry
+
+
+@cli_entry
+def main(argv=None):
+    p = ArgumentParser(prog="mambabyte doctor", description=__doc__)
+    p.parse_args(argv)
+    import torch
+
+    from .. import __version__
+    from ..io import list_shipped_models
+    from ..ops import backend_report
+
+    print(f"mambabyte {__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()} ({sys.platform})")
+    print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+    else:
+        print("CUDA device: none (CPU tensors always use the PyTorch reference ops)")
+    print("backends for CUDA tensors:")
+    for op, how in backend_report().items():
+        print(f"  {op:<24} {how}")
+    for mod in ("triton", "datasets", "huggingface_hub", "tokenizers"):
+        try:
+            m = __import__(mod)
+            print(f"optional {mod:<16} {getattr(m, '__version__', 'installed')}")
+        except Exception:
+            print(f"optional {mod:<16} not installed")
+    shipped = list_shipped_models()
+    print(f"shipped models: {', '.join(shipped) if shipped else 'none found'}")
+    return 0

@@ -1,0 +1,171 @@
+"""The Mamba-1 mixer with the reference parameter names and initialisation.
+
+Shapes: b batch, L bytes, D d_model, di d_inner = expand * D, n d_state, r dt_rank, w d_conv.
+
+Parameters (names and shapes as mamba_ssm's ``Mamba``, so its checkpoints load unchanged):
+in_proj (2di, D), conv1d.weight (di, 1, w) + conv1d.bias (di), x_proj (r + 2n, di),
+dt_proj (di, r) + bias (di), A_log (di, n) fp32, D (di) fp32, out_proj (D, di).
+
+Every projection is called as a module, so forward hooks on ``in_proj``, ``conv1d``, ``x_proj``,
+``dt_proj`` and ``out_proj`` see exactly the values the model computes (``dt_proj``'s output includes
+its bias; Δ = softplus of it). ``conv1d``'s hooked output is the convolution before the SiLU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+Tensor = torch.Tensor
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over (b, di, L) that resumes from a (b, di, w) window of past inputs.
+
+    ``forward(x, conv_state=None)`` returns ``(y, new_conv_state)``; y is pre-activation.
+    """
+
+    def __init__(self, channels: int, width: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, 1, width, device=device, dtype=dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d's default initialisation (fan_in = width for a depthwise conv)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.width)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, conv_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return ops.causal_conv1d(
+            x, self.weight.squeeze(1), self.bias, conv_state=conv_state, activation=None, return_final_state=True
+        )
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, width={self.width}, bias={self.bias is not None}"
+
+
+class MambaMixer(nn.Module):
+    """Selective SSM mixer (Mamba-1)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank="auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        layer_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **fk)
+        self.conv1d = CausalConv1d(self.d_inner, d_conv, bias=conv_bias, **fk)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+        # dt_proj: weights keep the variance at init; bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+            dt = torch.exp(
+                torch.rand(self.d_inner, device=device, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
+                + math.log(dt_min)
+            ).clamp(min=dt_init_floor)
+            inv_dt = dt + torch.log(-torch.expm1(-dt))
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+
+        # S4D-real initialisation of A, kept in fp32
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: Tensor,
+        conv_state: Optional[Tensor] = None,
+        ssm_state: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """hidden_states (b, L, D) -> (out (b, L, D), new conv_state (b, di, w), new ssm_state (b, di, n)).
+
+        The states passed in are not modified; new tensors are returned.
+        """
+        b, L, _ = hidden_states.shape
+        xz = self.in_proj(hidden_states)  # (b, L, 2di)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, di, L) each
+        x_conv, new_conv = self.conv1d(x, conv_state)
+        x = F.silu(x_conv)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, L, r + 2n)
+        dt_low, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt_low).transpose(1, 2)  # (b, di, L), bias included
+        A = -torch.exp(self.A_log.float())
+        y, new_ssm = ops.selective_scan(
+            x,
+            dt,
+            A,
+            Bm.transpose(1, 2),
+            Cm.transpose(1, 2),
+            D=self.D.float(),
+            z=z,
+            delta_bias=None,
+            delta_softplus=True,
+            initial_state=ssm_state,
+            return_final_state=True,
+        )
+        out = self.out_proj(y.transpose(1, 2))
+        return out, new_conv, new_ssm
+
+    def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+        """One byte: hidden_states (b, D) -> out (b, D); conv_state and ssm_state updated in place."""
+        dtype = hidden_states.dtype
+        xz = self.in_proj(hidden_states)
+        x, z = xz.chunk(2, dim=-1)  # (b, di)
+        w = self.conv1d.weight.squeeze(1)
+        x = ops.causal_conv1d_update(x, conv_state, w, self.conv1d.bias, activation=None)
+        x = F.silu(x).to(dtype)
+        x_db = self.x_proj(x)
+        dt_low, Bm, Cm = torch.split(x_db, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt_low)
+        A = -torch.exp(self.A_log.float())
+        y = ops.selective_state_update(
+            ssm_state, x, dt, A, Bm, Cm, D=self.D.float(), z=z, dt_bias=None, dt_softplus=True
+        )
+        return self.out_proj(y.to(dtype))
