@@ -1,0 +1,162 @@
+"""Model-level state tests: full forward == chunked forwards == byte-by-byte steps, and init."""
+
+import math
+
+import pytest
+import torch
+
+from mambabyte import MambaByteConfig, MambaByteLM, MambaState
+from mambabyte.errors import MambaByteError, StateError
+
+
+@pytest.fixture
+def model64():
+    torch.manual_seed(7)
+    return MambaByteLM(MambaByteConfig(d_model=32, n_layer=3, d_state=8)).double().eval()
+
+
+def test_config_presets_and_param_counts():
+    assert MambaByteConfig.from_preset("353M").d_model == 1024
+    assert MambaByteConfig.from_preset("353M").n_layer == 53
+    assert MambaByteConfig.from_preset("972M").d_model == 1792
+    assert MambaByteConfig.from_preset("972M").n_layer == 48
+    # the anchors: 353.9M and 973.9M parameters with an untied byte head
+    assert abs(MambaByteConfig.from_preset("353M").num_parameters() / 1e6 - 353.9) < 0.1
+    assert abs(MambaByteConfig.from_preset("972M").num_parameters() / 1e6 - 973.9) < 0.1
+    cfg = MambaByteConfig(d_model=48, n_layer=2)
+    assert cfg.dt_rank_value == 3 and cfg.d_inner == 96
+    assert MambaByteLM(cfg).num_parameters() == cfg.num_parameters()
+    with pytest.raises(MambaByteError, match="norm"):
+        MambaByteConfig(norm="batchnorm")
+    with pytest.raises(MambaByteError, match="unknown preset"):
+        MambaByteConfig.from_preset("nope")
+    with pytest.raises(MambaByteError, match="unknown MambaByteConfig keys"):
+        MambaByteConfig.from_dict({"d_model": 8, "wat": 1})
+
+
+def test_yaml_config_mirrors_paper_file():
+    from mambabyte.config import config_from_yaml
+
+    cfg = config_from_yaml("scripts/configs/mambabyte_lm.yml", "972M")
+    assert (cfg.d_model, cfg.n_layer, cfg.d_state, cfg.d_conv) == (1792, 48, 16, 4)
+    with pytest.raises(MambaByteError, match="no model"):
+        config_from_yaml("scripts/configs/mambabyte_lm.yml", "7B")
+
+
+def test_reference_initialisation():
+    torch.manual_seed(0)
+    cfg = MambaByteConfig(d_model=64, n_layer=4, dt_min=1e-3, dt_max=0.1)
+    m = MambaByteLM(cfg)
+    mix = m.backbone.layers[0].mixer
+    assert mix.A_log.dtype == torch.float32
+    torch.testing.assert_close(torch.exp(mix.A_log), torch.arange(1, 17, dtype=torch.float32).repeat(128, 1))
+    assert torch.equal(mix.D, torch.ones(128))
+    dt = torch.nn.functional.softplus(mix.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert isinstance(m.backbone.layers[0].norm, torch.nn.LayerNorm) and m.backbone.norm_f.bias is not None
+    assert m.lm_head.weight.data_ptr() != m.backbone.embedding.weight.data_ptr()
+    # out_proj rescaled by 1/sqrt(n_layer): kaiming-uniform bound 1/sqrt(fan_in) shrunk by 2
+    bound = 1 / math.sqrt(128) / math.sqrt(4)
+    assert mix.out_proj.weight.abs().max() <= bound + 1e-6
+    assert mix.out_proj.weight.abs().max() > 0.8 * bound
+    names = {n for n, _ in m.named_parameters()}
+    for k in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+              "A_log", "D", "out_proj.weight"):
+        assert f"backbone.layers.0.mixer.{k}" in names
+    assert {"backbone.embedding.weight", "backbone.norm_f.weight", "backbone.norm_f.bias", "lm_head.weight"} <= names
+
+
+@pytest.mark.parametrize("splits", [[10], [1, 2, 3, 20], [7, 14, 21, 28, 35]], ids=["2chunks", "uneven", "many"])
+def test_full_forward_equals_chunked_forwards(model64, splits):
+    x = torch.randint(0, 256, (2, 41))
+    full = model64(x, return_state=True)
+    assert full.logits.shape == (2, 41, 256)
+    bounds = [0] + splits + [41]
+    state, logits = None, []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out = model64(x[:, s:e], state=state, return_state=True)
+        logits.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(logits, 1), full.logits, rtol=1e-10, atol=1e-10)
+    assert state.allclose(full.state, rtol=1e-10, atol=1e-12)
+    assert state.bytes_consumed == 41
+
+
+def test_full_forward_equals_byte_steps(model64):
+    x = torch.randint(0, 256, (3, 25))
+    full = model64(x, return_state=True)
+    state = model64.allocate_state(3)
+    steps = torch.stack([model64.step(x[:, t], state) for t in range(25)], 1)
+    torch.testing.assert_close(steps, full.logits, rtol=1e-10, atol=1e-10)
+    assert state.allclose(full.state, rtol=1e-10, atol=1e-12)
+
+
+def test_prefix_forward_then_steps_fp32():
+    torch.manual_seed(3)
+    m = MambaByteLM.from_preset("tiny").eval()
+    x = torch.randint(0, 256, (1, 60))
+    full = m(x).logits
+    out = m(x[:, :40], return_state=True)
+    state = out.state.clone()
+    steps = [m.step(x[:, t], state) for t in range(40, 60)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 40:], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_does_not_modify_the_state_passed_in(model64):
+    x = torch.randint(0, 256, (1, 9))
+    s = model64(x, return_state=True).state
+    before = s.clone()
+    model64(x, state=s, return_state=True)
+    assert s.equal(before)
+
+
+def test_teacher_forced_greedy_equals_argmax_of_full_forward(model64):
+    prompt = torch.tensor([list(b"The ")])
+    with torch.no_grad():
+        out = model64(prompt, return_state=True)
+        state = out.state
+        nxt = out.logits[:, -1].argmax(-1)
+        generated = [nxt]
+        for _ in range(15):
+            nxt = model64.step(nxt, state).argmax(-1)
+            generated.append(nxt)
+        seq = torch.cat([prompt, torch.stack(generated, 1)], 1)
+        full = model64(seq[:, :-1]).logits
+    torch.testing.assert_close(full[:, prompt.shape[1] - 1 :].argmax(-1), seq[:, prompt.shape[1] :], rtol=0, atol=0)
+
+
+def test_state_object_helpers(model64):
+    x = torch.randint(0, 256, (2, 5))
+    s = model64(x, return_state=True).state
+    c = s.clone()
+    c.ssm.add_(1)
+    assert not c.equal(s) and s.max_abs_diff(c) == pytest.approx(1.0)
+    assert s.select(1).batch_size == 1 and s.repeat(3).batch_size == 6
+    assert MambaState.cat([s, s]).batch_size == 4
+    z = s.clone().reset()
+    assert float(z.ssm.detach().abs().sum()) == 0 and z.bytes_consumed == 0
+    with pytest.raises(StateError, match="batch size"):
+        model64(torch.randint(0, 256, (3, 2)), state=s)
+    with pytest.raises(StateError, match="does not fit"):
+        MambaByteLM.from_preset("tiny")(torch.randint(0, 256, (2, 2)), state=s.to(dtype=torch.float32))
+
+
+def test_rmsnorm_and_tied_variants_run():
+    cfg = MambaByteConfig(d_model=16, n_layer=2, norm="rmsnorm", tie_embeddings=True, pad_vocab_size_multiple=16)
+    m = MambaByteLM(cfg)
+    assert m.lm_head.weight is m.backbone.embedding.weight
+    out = m(torch.randint(0, 256, (1, 7)))
+    assert out.logits.shape == (1, 7, 256)
+    assert m.num_parameters() == cfg.num_parameters()
+
+
+def test_training_gradients_flow_through_state():
+    torch.manual_seed(0)
+    m = MambaByteLM.from_preset("tiny")
+    x = torch.randint(0, 256, (2, 16))
+    s = m(x[:, :8], return_state=True).state
+    out = m(x[:, 8:], state=s, return_state=True)
+    loss = out.logits.logsumexp(-1).mean() + out.state.ssm.pow(2).mean()
+    loss.backward()
+    g = m.backbone.layers[0].mixer.A_log.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
