@@ -1,0 +1,245 @@
+"""Interpretability extraction CLIs (the paper code's three scripts, same flags).
+
+* ``extract_module_outputs.py`` / ``mambabyte extract module-outputs``: hooked outputs of every
+  per-layer module whose name contains ``--module_id`` (alias ``--module_ids``), with ``--nonlinearity``.
+* ``extract_discrete_A.py`` / ``mambabyte extract discrete-A``: discrete_A = exp(Δ ⊗ A) per layer,
+  optionally reduced (``--reduction``, ``--reduction_dim``).
+* ``extract_input_sim_with_discrete_A.py`` / ``mambabyte extract input-sim``: cosine similarity over
+  d_inner of discrete_A[..., k] with in_proj's x half, (L, d_state) per layer.
+
+Each writes one pickle (see :mod:`mambabyte.analysis.artefact`) atomically, after checking that its
+estimated size is under ``--max_output_gb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..errors import MambaByteError
+from .common import ArgumentParser, add_model_args, cli_entry, load_model, parse_dtype, read_prompt
+
+DEFAULT_SEED = 4740
+DEFAULT_MAX_OUTPUT_GB = 4.0
+NONLINEARITY_CHOICES = ("linear", "relu", "lrelu", "elu", "gelu", "silu", "swish", "tanh", "softplus")
+REDUCTION_CHOICES = ("mean", "min", "max", "norm", "fro", "nuc")
+
+SUBCOMMANDS = {
+    "module-outputs": "module_outputs",
+    "discrete-A": "discrete_A",
+    "input-sim": "input_sim_with_discrete_A",
+}
+_ALIASES = {
+    "module_outputs": "module-outputs",
+    "discrete_A": "discrete-A",
+    "discrete-a": "discrete-A",
+    "discrete_a": "discrete-A",
+    "input_sim": "input-sim",
+    "input-sim-with-discrete-A": "input-sim",
+    "input_sim_with_discrete_A": "input-sim",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# flags
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filepath_to_store_outputs", "-o", required=True, metavar="PATH",
+                   help="pickle to write (e.g. artefacts/discrete_A_860.pkl); written atomically")
+    src = p.add_argument_group("prompt (one of)")
+    src.add_argument("--prompt", default=None, help="prompt text (UTF-8)")
+    src.add_argument("--prompt_file", default=None, help="read the prompt's bytes from a file (e.g. pg19_samples/860.txt)")
+    p.add_argument("--layer_idxs", nargs="+", type=int, default=None, metavar="I",
+                   help="layer indices to extract (default: all layers)")
+    add_model_args(p)
+    p.add_argument("--return_log_probs", action="store_true",
+                   help="also store log_probs (and probs) of each true next byte, shape (L-1,)")
+    p.add_argument("--return_ranks", action="store_true",
+                   help="also store ranks of each true next byte (0 = top-1), shape (L-1,)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    p.add_argument("--out_dtype", default="float32",
+                   help="dtype of the stored tensors: float32 (default), float16 / bfloat16 halve the size")
+    p.add_argument("--max_output_gb", type=float, default=DEFAULT_MAX_OUTPUT_GB,
+                   help=f"refuse to run when the artefact would exceed this many GB (default {DEFAULT_MAX_OUTPUT_GB:g}; 0 = no limit)")
+
+
+def _parser(kind: str, prog: Optional[str] = None) -> ArgumentParser:
+    desc = {
+        "module_outputs": "Extract (hooked) module outputs of a MambaByte model along a prompt.",
+        "discrete_A": "Extract discrete-A = exp(delta x A) (the hidden -> hidden transition) per layer.",
+        "input_sim_with_discrete_A": "Extract the cosine similarity of discrete-A with the input (in_proj's x half).",
+    }[kind]
+    p = ArgumentParser(prog=prog, description=desc)
+    _add_kind_args(p, kind)
+    return p
+
+
+def _add_kind_args(p: argparse.ArgumentParser, kind: str) -> None:
+    _add_common(p)
+    if kind == "module_outputs":
+        p.add_argument("--module_id", "--module_ids", dest="module_ids", nargs="+", required=True, metavar="NAME",
+                       help="module(s) to hook in each layer: dt_proj, x_proj, in_proj, conv1d, out_proj, mixer, norm, ... "
+                            "(a module matches when its qualified name contains NAME)")
+        p.add_argument("--nonlinearity", default=None, choices=NONLINEARITY_CHOICES,
+                       help="applied to each output (default linear); softplus on dt_proj gives delta")
+    elif kind == "discrete_A":
+        p.add_argument("--reduction", default=None, choices=REDUCTION_CHOICES,
+                       help="mean/min/max/norm along --reduction_dim; fro/nuc: matrix norm over (d_inner, d_state) per byte")
+        p.add_argument("--reduction_dim", type=int, default=None,
+                       help="dimension of discrete_A (L, d_inner, d_state) to reduce: e.g. -2 -> (L, d_state)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# model
+def _load(args):
+    """load_model, plus the paper's --config_path: a random model of the yml's --model_id section."""
+    import torch
+
+    cfg_path = getattr(args, "config_path", None)
+    yml_cfg = None
+    if cfg_path is not None:
+        yml_general = _read_general(cfg_path)
+        if args.dtype is None and yml_general.get("dtype"):
+            args.dtype = str(yml_general["dtype"])
+        if args.device in (None, "auto") and yml_general.get("device"):
+            args.device = str(yml_general["device"])
+        if args.model_id is not None:
+            from ..config import config_from_yaml
+
+            yml_cfg = config_from_yaml(cfg_path, args.model_id)
+    if args.pretrained_model_filepath or yml_cfg is None:
+        from ..config import PRESETS
+
+        if args.pretrained_model_filepath and args.model_id is not None and args.model_id not in PRESETS:
+            # a section of the yml, not a preset: let the loader infer the shapes from the weights
+            args.model_id = None
+        return load_model(args)
+    # --config_path + --model_id and no checkpoint: the paper code's random initialisation of that config
+    from ..model import MambaByteLM
+    from .common import resolve_device
+
+    sys.stderr.write(f"warning: no --pretrained_model_filepath: using a RANDOMLY INITIALISED model "
+                     f"'{args.model_id}' from {cfg_path}; its outputs are meaningless\n")
+    torch.manual_seed(args.seed)
+    model = MambaByteLM(yml_cfg, device=resolve_device(args.device))
+    dtype = parse_dtype(args.dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
+            layer.mixer.D.data = layer.mixer.D.data.float()
+    return model.eval()
+
+
+def _read_general(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as exc:
+        raise MambaByteError(f"cannot read --config_path {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise MambaByteError(f"--config_path {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    gen = doc.get("general") if isinstance(doc, dict) else None
+    return gen if isinstance(gen, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# run
+def run(kind: str, args) -> int:
+    import torch
+
+    from ..analysis.artefact import build_artefact, save_artefact
+    from ..analysis.extraction import (
+        extract_discrete_A,
+        extract_input_sim_with_discrete_A,
+        extract_module_outputs,
+        format_bytes,
+        normalize_reduction,
+    )
+
+    try:
+        out_dtype = parse_dtype(args.out_dtype)
+    except MambaByteError:
+        out_dtype = None
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise MambaByteError(f"--out_dtype {args.out_dtype!r}: use float32, float16 or bfloat16")
+    if kind == "discrete_A":
+        normalize_reduction(args.reduction, args.reduction_dim)  # bad pairs fail before the model loads
+    prompt = read_prompt(args)
+    torch.manual_seed(args.seed)
+    model = _load(args)
+    common = dict(
+        layer_idxs=args.layer_idxs,
+        out_dtype=out_dtype,
+        return_log_probs=args.return_log_probs,
+        return_ranks=args.return_ranks,
+        max_output_gb=args.max_output_gb,
+    )
+    extra = {}
+    if kind == "module_outputs":
+        res = extract_module_outputs(model, prompt, args.module_ids, nonlinearity=args.nonlinearity, **common)
+        extra = dict(module_ids=args.module_ids, nonlinearity=args.nonlinearity or "linear")
+    elif kind == "discrete_A":
+        if args.reduction in ("fro", "nuc") and args.reduction_dim is not None:
+            sys.stderr.write(f"note: --reduction {args.reduction} is a matrix norm over (d_inner, d_state) per byte; "
+                             f"--reduction_dim {args.reduction_dim} is ignored\n")
+        res = extract_discrete_A(model, prompt, reduction=args.reduction, reduction_dim=args.reduction_dim, **common)
+        extra = dict(reduction=args.reduction, reduction_dim=args.reduction_dim)
+    else:
+        res = extract_input_sim_with_discrete_A(model, prompt, **common)
+    art = build_artefact(
+        kind, res, prompt, model,
+        model_id=args.model_id or getattr(model.config, "name", None),
+        pretrained_model_filepath=args.pretrained_model_filepath,
+        out_dtype=out_dtype, seed=args.seed, **extra,
+    )
+    path = save_artefact(art, args.filepath_to_store_outputs)
+    shapes = []
+    for k in art["tensor_keys"]:
+        per = art[k]
+        if per:
+            first = next(iter(per.values()))
+            shapes.append(f"{k}: {len(per)} layer(s) x {tuple(first.shape)} {str(first.dtype).replace('torch.', '')}")
+    size = path.stat().st_size
+    print(f"stored the outputs to {path} ({format_bytes(size)}; {'; '.join(shapes)}; {len(prompt)} bytes)")
+    return 0
+
+
+def _main_for(kind: str, prog: str):
+    @cli_entry
+    def _main(argv: Optional[List[str]] = None) -> int:
+        args = _parser(kind, prog=prog).parse_args(argv)
+        return run(kind, args)
+
+    return _main
+
+
+main_module_outputs = _main_for("module_outputs", "extract_module_outputs.py")
+main_discrete_A = _main_for("discrete_A", "extract_discrete_A.py")
+main_input_sim = _main_for("input_sim_with_discrete_A", "extract_input_sim_with_discrete_A.py")
+main_module_outputs.__doc__ = "``extract_module_outputs.py ...`` (argv without the program name)."
+main_discrete_A.__doc__ = "``extract_discrete_A.py ...`` (argv without the program name)."
+main_input_sim.__doc__ = "``extract_input_sim_with_discrete_A.py ...`` (argv without the program name)."
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    """``mambabyte extract {module-outputs,discrete-A,input-sim} ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _ALIASES:
+        argv[0] = _ALIASES[argv[0]]
+    p = ArgumentParser(prog="mambabyte extract",
+                       description="Interpretability extraction from a MambaByte model (writes one pickle).")
+    sub = p.add_subparsers(dest="what", metavar="{module-outputs,discrete-A,input-sim}")
+    sub.required = True
+    for name, kind in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=_parser(kind).description, description=_parser(kind).description)
+        _add_kind_args(sp, kind)
+    args = p.parse_args(argv)
+    return run(SUBCOMMANDS[args.what], args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
