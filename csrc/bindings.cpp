@@ -1,0 +1,365 @@
+// Python bindings for mambabyte._C: argument checks, allocation, dispatch to the CUDA launchers.
+// The Python side (mambabyte/ops/cuda_backend.py) normalises dtypes, layouts and optional inputs;
+// this file only checks what the kernels rely on.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+#include "params.h"
+
+namespace mb = mambabyte;
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+#define CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
+#define CHECK_CONTIG(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define CHECK_F32(x) TORCH_CHECK((x).scalar_type() == at::kFloat, #x " must be float32")
+
+static int dtype_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return mb::kF32;
+    case at::kHalf: return mb::kF16;
+    case at::kBFloat16: return mb::kBF16;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type(), " (float32, float16, bfloat16)");
+  }
+  return -1;
+}
+
+static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+static const float* opt_f32(const OptT& t, const char* name, int64_t numel) {
+  if (!t.has_value()) return nullptr;
+  CHECK_CUDA(*t);
+  CHECK_CONTIG(*t);
+  CHECK_F32(*t);
+  TORCH_CHECK(t->numel() == numel, name, " has ", t->numel(), " elements, expected ", numel);
+  return t->data_ptr<float>();
+}
+
+// Fills the shape / pointer part of ScanParams shared by forward and backward.
+static void fill_scan(mb::ScanParams& p, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                      const Tensor& C, const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus) {
+  CHECK_CUDA(u);
+  CHECK_CUDA(delta);
+  CHECK_CUDA(A);
+  CHECK_CUDA(B);
+  CHECK_CUDA(C);
+  TORCH_CHECK(u.dim() == 3, "u must be (b, d, L)");
+  CHECK_CONTIG(u);
+  CHECK_CONTIG(delta);
+  TORCH_CHECK(delta.sizes() == u.sizes() && delta.scalar_type() == u.scalar_type(), "delta must match u");
+  CHECK_CONTIG(A);
+  CHECK_F32(A);
+  const int64_t b = u.size(0), d = u.size(1), L = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == d, "A must be (d, n)");
+  const int64_t n = A.size(1);
+  TORCH_CHECK(n >= 1 && n <= 256, "n must be in [1, 256]");
+  TORCH_CHECK(L >= 1 && L < (int64_t(1) << 31), "L out of range");
+  TORCH_CHECK(B.scalar_type() == C.scalar_type(), "B and C must share a dtype");
+  TORCH_CHECK(B.scalar_type() == at::kFloat || B.scalar_type() == u.scalar_type(),
+              "B / C must be float32 or u's dtype");
+  p.batch = (int)b;
+  p.dim = (int)d;
+  p.seqlen = (int)L;
+  p.dstate = (int)n;
+  p.n_chunks = (int)((L + mb::kScanChunk - 1) / mb::kScanChunk);
+  p.softplus = softplus ? 1 : 0;
+  p.bc_dtype = dtype_code(B);
+  const int64_t esz = u.element_size(), bsz = B.element_size();
+  auto bc = [&](const Tensor& M, int& var, int& cpg, int& groups, int& vec, const char* name) {
+    CHECK_CONTIG(M);
+    if (M.dim() == 2) {
+      TORCH_CHECK(M.size(0) == d && M.size(1) == n, name, " must be (d, n)");
+      var = 0;
+      cpg = 1;
+      groups = 1;
+      vec = 0;
+    } else {
+      TORCH_CHECK(M.dim() == 4 && M.size(0) == b && M.size(2) == n && M.size(3) == L, name,
+                  " must be (b, g, n, L)");
+      const int64_t g = M.size(1);
+      TORCH_CHECK(d % g == 0, name, ": d must be divisible by g");
+      var = 1;
+      groups = (int)g;
+      cpg = (int)(d / g);
+      vec = aligned16(M.data_ptr()) && (L * bsz) % 16 == 0;
+    }
+  };
+  bc(B, p.B_var, p.B_cpg, p.B_groups, p.B_vec, "B");
+  bc(C, p.C_var, p.C_cpg, p.C_groups, p.C_vec, "C");
+  p.in_vec = aligned16(u.data_ptr()) && aligned16(delta.data_ptr()) && (L * esz) % 16 == 0;
+  if (z.has_value()) {
+    CHECK_CUDA(*z);
+    CHECK_CONTIG(*z);
+    TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == u.scalar_type(), "z must match u");
+    p.z = z->data_ptr();
+    p.in_vec = p.in_vec && aligned16(p.z);
+  }
+  p.u = u.data_ptr();
+  p.delta = delta.data_ptr();
+  p.A = A.data_ptr<float>();
+  p.B = B.data_ptr();
+  p.C = C.data_ptr();
+  p.D = opt_f32(D, "D", d);
+  p.delta_bias = opt_f32(delta_bias, "delta_bias", d);
+}
+
+static void run_scan_fwd(mb::ScanParams& p, int dt, cudaStream_t s) {
+  if (dt == mb::kF32) mb::scan_fwd_f32(p, s);
+  else if (dt == mb::kF16) mb::scan_fwd_f16(p, s);
+  else mb::scan_fwd_bf16(p, s);
+}
+
+static void run_scan_bwd(mb::ScanParams& p, int dt, cudaStream_t s) {
+  if (dt == mb::kF32) mb::scan_bwd_f32(p, s);
+  else if (dt == mb::kF16) mb::scan_bwd_f16(p, s);
+  else mb::scan_bwd_bf16(p, s);
+}
+
+// Returns [out, final_state, chunk_states (empty unless save_states)].
+std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                             const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus, const OptT& h0,
+                             bool save_states) {
+  c10::cuda::CUDAGuard guard(u.device());
+  mb::ScanParams p;
+  fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
+  const int64_t b = p.batch, d = p.dim, n = p.dstate;
+  p.h0 = opt_f32(h0, "initial_state", b * d * n);
+  Tensor out = at::empty_like(u);
+  Tensor fin = at::empty({b, d, n}, u.options().dtype(at::kFloat));
+  Tensor cs = save_states ? at::empty({b, d, (int64_t)p.n_chunks, n}, u.options().dtype(at::kFloat))
+                          : at::empty({0}, u.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.in_vec = p.in_vec && aligned16(p.out);
+  p.final_state = fin.data_ptr<float>();
+  p.chunk_states = save_states ? cs.data_ptr<float>() : nullptr;
+  run_scan_fwd(p, dtype_code(u), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, fin, cs};
+}
+
+// Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]; dD / dz / ddelta_bias are empty when the
+// input was absent. Variable dB / dC come back as fp32 (b, g, n, L); fixed ones as fp32 (d, n).
+std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                             const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus,
+                             const Tensor& chunk_states, const Tensor& dout, const OptT& dfinal) {
+  c10::cuda::CUDAGuard guard(u.device());
+  mb::ScanParams p;
+  fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
+  const int64_t b = p.batch, d = p.dim, n = p.dstate, L = p.seqlen;
+  CHECK_CONTIG(chunk_states);
+  CHECK_F32(chunk_states);
+  TORCH_CHECK(chunk_states.numel() == b * d * p.n_chunks * n, "chunk_states has the wrong size");
+  CHECK_CONTIG(dout);
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
+  p.chunk_states = chunk_states.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dfinal = opt_f32(dfinal, "dfinal_state", b * d * n);
+  auto f32 = u.options().dtype(at::kFloat);
+  Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
+  Tensor dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());
+  Tensor dA_part = at::empty({b, d, n}, f32);
+  Tensor dD_part = at::empty({b, d}, f32), dbias_part = at::empty({b, d}, f32);
+  Tensor dh0 = at::empty({b, d, n}, f32);
+  const int64_t Lpad = (int64_t)p.n_chunks * mb::kScanChunk;
+  p.Lpad = (int)Lpad;
+  Tensor dB = p.B_var ? at::zeros({b, (int64_t)p.B_groups, n, Lpad}, f32) : at::empty({b, d, n}, f32);
+  Tensor dC = p.C_var ? at::zeros({b, (int64_t)p.C_groups, n, Lpad}, f32) : at::empty({b, d, n}, f32);
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dz = z.has_value() ? dz.data_ptr() : nullptr;
+  p.in_vec = p.in_vec && aligned16(p.dout) && aligned16(p.du) && aligned16(p.ddelta) &&
+             (p.dz == nullptr || aligned16(p.dz));
+  p.dA_part = dA_part.data_ptr<float>();
+  p.dD_part = dD_part.data_ptr<float>();
+  p.dbias_part = dbias_part.data_ptr<float>();
+  p.dh0 = dh0.data_ptr<float>();
+  p.dB = dB.data_ptr<float>();
+  p.dC = dC.data_ptr<float>();
+  run_scan_bwd(p, dtype_code(u), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor dA = dA_part.sum(0);
+  Tensor dBo = p.B_var ? dB.narrow(3, 0, L) : dB.sum(0);
+  Tensor dCo = p.C_var ? dC.narrow(3, 0, L) : dC.sum(0);
+  Tensor dD = D.has_value() ? dD_part.sum(0) : at::empty({0}, f32);
+  Tensor dbias = delta_bias.has_value() ? dbias_part.sum(0) : at::empty({0}, f32);
+  return {du, ddelta, dA, dBo, dCo, dD, dz, dbias, dh0};
+}
+
+static void fill_conv(mb::ConvParams& p, const Tensor& x, const Tensor& weight, const OptT& bias, const OptT& state,
+                      bool silu) {
+  CHECK_CUDA(x);
+  CHECK_CONTIG(x);
+  TORCH_CHECK(x.dim() == 3, "x must be (b, d, L)");
+  CHECK_CUDA(weight);
+  CHECK_CONTIG(weight);
+  CHECK_F32(weight);
+  const int64_t b = x.size(0), d = x.size(1), L = x.size(2);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d && weight.size(1) >= 1 && weight.size(1) <= 4,
+              "weight must be (d, w) with w <= 4");
+  const int64_t w = weight.size(1);
+  p.batch = (int)b;
+  p.dim = (int)d;
+  p.seqlen = (int)L;
+  p.width = (int)w;
+  p.silu = silu ? 1 : 0;
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr<float>();
+  p.bias = opt_f32(bias, "bias", d);
+  p.state = opt_f32(state, "conv_state", b * d * w);
+}
+
+// Returns [out, new_state (fp32 (b, d, w), empty unless want_state)].
+std::vector<Tensor> conv_fwd(const Tensor& x, const Tensor& weight, const OptT& bias, const OptT& state, bool silu,
+                             bool want_state) {
+  c10::cuda::CUDAGuard guard(x.device());
+  mb::ConvParams p;
+  fill_conv(p, x, weight, bias, state, silu);
+  Tensor out = at::empty_like(x);
+  Tensor ns = want_state ? at::empty({x.size(0), x.size(1), weight.size(1)}, x.options().dtype(at::kFloat))
+                         : at::empty({0}, x.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.new_state = want_state ? ns.data_ptr<float>() : nullptr;
+  if (x.numel() > 0 || want_state) mb::conv_fwd(p, dtype_code(x), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, ns};
+}
+
+// Returns [dx, dweight fp32 (d, w), dbias fp32 (d,) or empty, dstate fp32 (b, d, w) or empty].
+std::vector<Tensor> conv_bwd(const Tensor& x, const Tensor& weight, const OptT& bias, const OptT& state,
+                             const Tensor& dout, const OptT& dfinal, bool silu) {
+  c10::cuda::CUDAGuard guard(x.device());
+  mb::ConvParams p;
+  fill_conv(p, x, weight, bias, state, silu);
+  CHECK_CONTIG(dout);
+  TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), "dout must match x");
+  auto f32 = x.options().dtype(at::kFloat);
+  Tensor dx = at::empty_like(x);
+  Tensor dw = at::zeros_like(weight);
+  Tensor db = bias.has_value() ? at::zeros({x.size(1)}, f32) : at::empty({0}, f32);
+  Tensor ds = state.has_value() ? at::empty({x.size(0), x.size(1), weight.size(1)}, f32) : at::empty({0}, f32);
+  p.dout = dout.data_ptr();
+  p.dfinal = opt_f32(dfinal, "dfinal_state", x.size(0) * x.size(1) * weight.size(1));
+  p.dx = dx.data_ptr();
+  p.dweight = dw.data_ptr<float>();
+  p.dbias = bias.has_value() ? db.data_ptr<float>() : nullptr;
+  p.dstate = state.has_value() ? ds.data_ptr<float>() : nullptr;
+  mb::conv_bwd(p, dtype_code(x), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dx, dw, db, ds};
+}
+
+// One scan step in place on state (b, d, n) fp32. B / C: (b, n) views with unit inner stride (rows
+// of x_proj's output are fine). Either dt (b, d), or dt_low (b, R) + dt_w (d, R) (fused dt_proj).
+Tensor ssm_step(const Tensor& state, const Tensor& x, const OptT& dt, const OptT& dt_low, const OptT& dt_w,
+                const Tensor& A, const Tensor& B, const Tensor& C, const OptT& D, const OptT& z, const OptT& dt_bias,
+                bool softplus) {
+  c10::cuda::CUDAGuard guard(x.device());
+  CHECK_CUDA(state);
+  CHECK_CONTIG(state);
+  CHECK_F32(state);
+  CHECK_CUDA(x);
+  CHECK_CONTIG(x);
+  TORCH_CHECK(x.dim() == 2, "x must be (b, d)");
+  const int64_t b = x.size(0), d = x.size(1);
+  CHECK_CONTIG(A);
+  CHECK_F32(A);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == d, "A must be (d, n)");
+  const int64_t n = A.size(1);
+  TORCH_CHECK(state.dim() == 3 && state.size(0) == b && state.size(1) == d && state.size(2) == n,
+              "state must be (b, d, n)");
+  mb::StepParams p;
+  p.batch = (int)b;
+  p.dim = (int)d;
+  p.dstate = (int)n;
+  p.softplus = softplus ? 1 : 0;
+  p.x = x.data_ptr();
+  for (const Tensor* M : {&B, &C}) {
+    CHECK_CUDA(*M);
+    TORCH_CHECK(M->scalar_type() == x.scalar_type(), "B / C must have x's dtype");
+    TORCH_CHECK(M->dim() == 2 && M->size(0) == b && M->size(1) == n && M->stride(1) == 1,
+                "B / C must be (b, n) with unit inner stride");
+  }
+  TORCH_CHECK(B.stride(0) == C.stride(0), "B and C must share a row stride");
+  p.B = B.data_ptr();
+  p.C = C.data_ptr();
+  p.bc_stride = B.stride(0);
+  if (dt.has_value()) {
+    CHECK_CONTIG(*dt);
+    TORCH_CHECK(dt->sizes() == x.sizes() && dt->scalar_type() == x.scalar_type(), "dt must match x");
+    p.dt = dt->data_ptr();
+  } else {
+    TORCH_CHECK(dt_low.has_value() && dt_w.has_value(), "need dt, or dt_low and dt_w");
+    CHECK_CONTIG(*dt_w);
+    TORCH_CHECK(dt_w->dim() == 2 && dt_w->size(0) == d && dt_w->scalar_type() == x.scalar_type(),
+                "dt_w must be (d, R) in x's dtype");
+    const int64_t R = dt_w->size(1);
+    TORCH_CHECK(dt_low->dim() == 2 && dt_low->size(0) == b && dt_low->size(1) == R && dt_low->stride(1) == 1 &&
+                    dt_low->scalar_type() == x.scalar_type(),
+                "dt_low must be (b, R) with unit inner stride in x's dtype");
+    p.dt_rank = (int)R;
+    p.dt_low = dt_low->data_ptr();
+    p.dt_low_stride = dt_low->stride(0);
+    p.dt_w = dt_w->data_ptr();
+  }
+  if (z.has_value()) {
+    CHECK_CONTIG(*z);
+    TORCH_CHECK(z->sizes() == x.sizes() && z->scalar_type() == x.scalar_type(), "z must match x");
+    p.z = z->data_ptr();
+  }
+  p.A = A.data_ptr<float>();
+  p.D = opt_f32(D, "D", d);
+  p.dt_bias = opt_f32(dt_bias, "dt_bias", d);
+  p.state = state.data_ptr<float>();
+  Tensor out = at::empty_like(x);
+  p.out = out.data_ptr();
+  mb::ssm_step(p, dtype_code(x), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// One conv step in place on state (b, d, w) (any float dtype). Returns (b, d) in x's dtype.
+Tensor conv_step(const Tensor& x, const Tensor& state, const Tensor& weight, const OptT& bias, bool silu) {
+  c10::cuda::CUDAGuard guard(x.device());
+  CHECK_CUDA(x);
+  CHECK_CONTIG(x);
+  CHECK_CUDA(state);
+  CHECK_CONTIG(state);
+  CHECK_CONTIG(weight);
+  CHECK_F32(weight);
+  TORCH_CHECK(x.dim() == 2, "x must be (b, d)");
+  const int64_t b = x.size(0), d = x.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d && weight.size(1) >= 1 && weight.size(1) <= 4,
+              "weight must be (d, w), w <= 4");
+  const int64_t w = weight.size(1);
+  TORCH_CHECK(state.dim() == 3 && state.size(0) == b && state.size(1) == d && state.size(2) == w,
+              "conv_state must be (b, d, w)");
+  mb::ConvStepParams p;
+  p.batch = (int)b;
+  p.dim = (int)d;
+  p.width = (int)w;
+  p.silu = silu ? 1 : 0;
+  p.x = x.data_ptr();
+  p.state = state.data_ptr();
+  p.weight = weight.data_ptr<float>();
+  p.bias = opt_f32(bias, "bias", d);
+  Tensor out = at::empty_like(x);
+  p.out = out.data_ptr();
+  mb::conv_step(p, dtype_code(x), dtype_code(state), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "MambaByte CUDA kernels: resumable selective scan, causal conv1d, decode steps";
+  m.def("scan_fwd", &scan_fwd, "selective scan forward");
+  m.def("scan_bwd", &scan_bwd, "selective scan backward");
+  m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d forward");
+  m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d backward");
+  m.def("ssm_step", &ssm_step, "one selective-scan step, in place");
+  m.def("conv_step", &conv_step, "one causal-conv step, in place");
+}

@@ -1,0 +1,107 @@
+// Shared device helpers for the MambaByte kernels (no torch headers here: keeps nvcc fast).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace mambabyte {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// softplus with torch's default threshold (x > 20 -> x).
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// kT consecutive elements of a row starting at t0, zero past L. `vec` says the row is 16-byte
+// aligned at every multiple of kT elements (checked on the host), so full runs use 16-byte loads.
+template <typename E, int kT>
+__device__ __forceinline__ void load_run(const E* __restrict__ row, int t0, int L, bool vec, E (&v)[kT]) {
+  static_assert((kT * sizeof(E)) % 16 == 0, "run must be a whole number of 16-byte vectors");
+  if (vec && t0 + kT <= L) {
+    constexpr int kV = kT * sizeof(E) / 16;
+    const uint4* src = reinterpret_cast<const uint4*>(row + t0);
+    uint4* dst = reinterpret_cast<uint4*>(v);
+#pragma unroll
+    for (int i = 0; i < kV; ++i) dst[i] = __ldg(src + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kT; ++i) v[i] = (t0 + i < L) ? row[t0 + i] : from_float<E>(0.f);
+  }
+}
+
+template <typename E, int kT>
+__device__ __forceinline__ void load_run_f(const E* __restrict__ row, int t0, int L, bool vec, float (&f)[kT]) {
+  E v[kT];
+  load_run<E, kT>(row, t0, L, vec, v);
+#pragma unroll
+  for (int i = 0; i < kT; ++i) f[i] = to_float(v[i]);
+}
+
+template <typename E, int kT>
+__device__ __forceinline__ void store_run_f(E* __restrict__ row, int t0, int L, bool vec, const float (&f)[kT]) {
+  E v[kT];
+#pragma unroll
+  for (int i = 0; i < kT; ++i) v[i] = from_float<E>(f[i]);
+  if (vec && t0 + kT <= L) {
+    constexpr int kV = kT * sizeof(E) / 16;
+    uint4* dst = reinterpret_cast<uint4*>(row + t0);
+    const uint4* src = reinterpret_cast<const uint4*>(v);
+#pragma unroll
+    for (int i = 0; i < kV; ++i) dst[i] = src[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kT; ++i)
+      if (t0 + i < L) row[t0 + i] = v[i];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Inclusive scan of the affine maps h -> P*h + S over lanes 0..31 (earlier lanes applied first).
+__device__ __forceinline__ void warp_scan_fwd(float& P, float& S, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float Pp = __shfl_up_sync(kFullMask, P, off);
+    const float Sp = __shfl_up_sync(kFullMask, S, off);
+    if (lane >= off) {
+      S = fmaf(P, Sp, S);
+      P *= Pp;
+    }
+  }
+}
+
+// Reverse inclusive scan: lane i ends with the composition of lanes i..31 where
+// value_i = S_i + P_i * value_{i+1}.
+__device__ __forceinline__ void warp_scan_rev(float& P, float& S, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float Pn = __shfl_down_sync(kFullMask, P, off);
+    const float Sn = __shfl_down_sync(kFullMask, S, off);
+    if (lane + off < 32) {
+      S = fmaf(P, Sn, S);
+      P *= Pn;
+    }
+  }
+}
+
+}  // namespace mambabyte

@@ -1,0 +1,14 @@
+// Instantiates the selective-scan bwd pass for __half u / delta / z (B / C in __half or fp32).
+#include "scan_kernels.cuh"
+
+namespace mambabyte {
+
+void scan_bwd_f16(ScanParams& p, cudaStream_t s) {
+  if (p.bc_dtype == kF32) {
+    scan_bwd_launch<__half, float>(p, s);
+  } else {
+    scan_bwd_launch<__half, __half>(p, s);
+  }
+}
+
+}  // namespace mambabyte

@@ -1,0 +1,425 @@
+"""CUDA backend for :mod:`mambabyte.ops`: our kernels from ``csrc/`` behind the reference's signatures.
+
+Dimension glossary: ``b`` batch, ``d`` channels, ``L`` time steps (bytes), ``n`` state size, ``g`` B/C
+groups, ``w`` conv width, ``R`` dt rank.
+
+Where the kernels come from, in order:
+
+1. ``mambabyte._C``, built by ``pip install -e .`` when a CUDA torch and nvcc were present;
+2. a JIT build of the same sources through :func:`torch.utils.cpp_extension.load`, cached under
+   ``$MAMBABYTE_CACHE_DIR`` (default ``~/.cache/mambabyte``); ``MAMBABYTE_NO_JIT=1`` disables it;
+3. otherwise :func:`status` says why not and :mod:`mambabyte.ops` uses the PyTorch reference.
+
+Nothing here is imported by ``import mambabyte``; the extension is loaded on the first CUDA op.
+
+Inputs the kernels do not cover (fp64, n > 256, conv width > 4, L = 0, a non-fp32 scan state) are
+handed to the reference implementation, so every function accepts what the reference accepts.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as _ref
+
+__all__ = [
+    "status",
+    "selective_scan_cuda",
+    "causal_conv1d_cuda",
+    "selective_state_update_cuda",
+    "causal_conv1d_update_cuda",
+    "mamba_decode_step_cuda",
+]
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_EXT = None
+_STATUS: Optional[Tuple[bool, str]] = None
+_LOCK = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _csrc_dir() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    cand = os.path.normpath(os.path.join(here, "..", "..", "csrc"))
+    return cand if os.path.isdir(cand) else None
+
+
+def _arch_flags() -> list:
+    archs = os.environ.get("MAMBABYTE_CUDA_ARCH_LIST")
+    if not archs:
+        major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+        archs = f"{major}.{minor}"
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if arch:
+            num = arch.replace(".", "").replace("+PTX", "")
+            flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    src = _csrc_dir()
+    if src is None:
+        return None, "mambabyte._C is not built and the csrc/ sources are not next to the package (no JIT build)"
+    nvcc = shutil.which("nvcc") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
+    if not nvcc or not os.path.exists(nvcc):
+        return None, "mambabyte._C is not built and nvcc was not found (set CUDA_HOME) for a JIT build"
+    sources = sorted(glob.glob(os.path.join(src, "*.cu"))) + sorted(glob.glob(os.path.join(src, "*.cpp")))
+    arch = _arch_flags()
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(src, "*"))):
+        with open(path, "rb") as fh:
+            h.update(path.encode() + fh.read())
+    h.update(" ".join(arch).encode() + torch.__version__.encode() + str(torch.version.cuda).encode())
+    cache = os.environ.get("MAMBABYTE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mambabyte")
+    build_dir = os.path.join(cache, "jit-" + h.hexdigest()[:16])
+    os.makedirs(build_dir, exist_ok=True)
+    ext = load(
+        name="mambabyte_jit_C",
+        sources=sources,
+        extra_include_paths=[src],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + arch,
+        build_directory=build_dir,
+        verbose=bool(os.environ.get("MAMBABYTE_JIT_VERBOSE")),
+    )
+    return ext, f"JIT-built CUDA kernels (cached in {build_dir})"
+
+
+def _load() -> Tuple[object, str]:
+    try:
+        from mambabyte import _C  # type: ignore[attr-defined]
+
+        return _C, "compiled extension mambabyte._C"
+    except ImportError as exc:
+        prebuilt_err = str(exc)
+    if torch.version.cuda is None:
+        return None, "torch was built without CUDA"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device visible to torch"
+    if os.environ.get("MAMBABYTE_NO_JIT"):
+        return None, f"mambabyte._C not importable ({prebuilt_err}) and MAMBABYTE_NO_JIT is set"
+    try:
+        return _jit_build()
+    except Exception as exc:  # compiler missing / failing: report, use the reference
+        msg = str(exc).strip().splitlines()
+        return None, "JIT build of the CUDA kernels failed: " + (msg[-1] if msg else type(exc).__name__)
+
+
+def status() -> Tuple[bool, str]:
+    """(available, reason): whether the CUDA kernels can be used here, and how they were obtained."""
+    global _EXT, _STATUS
+    with _LOCK:
+        if _STATUS is None:
+            _EXT, reason = _load()
+            _STATUS = (_EXT is not None, reason)
+    return _STATUS
+
+
+def _ext():
+    ok, reason = status()
+    if not ok:
+        raise RuntimeError(f"mambabyte CUDA kernels unavailable: {reason}")
+    return _EXT
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective scan
+# ----------------------------------------------------------------------------------------------
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Inputs already normalised by :func:`selective_scan_cuda` (see ``_prepare_scan``)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        out, fin, cs = _ext().scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True)
+        ctx.delta_softplus = delta_softplus
+        ctx.has_h0 = initial_state is not None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, cs)
+        ctx.set_materialize_grads(False)
+        return out, fin
+
+    @staticmethod
+    def backward(ctx, dout, dfin):
+        u, delta, A, B, C, D, z, delta_bias, cs = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        dout = dout.to(u.dtype).contiguous()
+        dfin = None if dfin is None else dfin.to(torch.float32).contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _ext().scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, cs, dout, dfin
+        )
+        return (
+            du,
+            ddelta,
+            dA,
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            dD if D is not None else None,
+            dz if z is not None else None,
+            dbias if delta_bias is not None else None,
+            dh0 if ctx.has_h0 else None,
+            None,
+        )
+
+
+def _prepare_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Differentiable casts / reshapes into the layout the kernels take (no-ops when already so)."""
+    same = delta.dtype == u.dtype and (z is None or z.dtype == u.dtype)
+    e = u.dtype if same else torch.float32
+    bc_dt = e if (B.dtype == e and C.dtype == e) else torch.float32
+
+    def bc(M):
+        if M.dim() == 3:
+            M = M.unsqueeze(1)
+        return M.to(bc_dt).contiguous()
+
+    return (
+        u.to(e).contiguous(),
+        delta.to(e).contiguous(),
+        _f32(A),
+        bc(B),
+        bc(C),
+        _f32(D),
+        None if z is None else z.to(e).contiguous(),
+        _f32(delta_bias),
+        _f32(initial_state),
+    )
+
+
+def selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state):
+    """Selective scan on the GPU, resumable from ``initial_state``; see ``selective_scan_ref``.
+
+    u, delta, z: (b, d, L) fp32 / fp16 / bf16. A: (d, n) fp32. B, C: (d, n), (b, n, L) or (b, g, n, L).
+    D, delta_bias: (d,). initial_state: (b, d, n). Returns out (b, d, L) in u's dtype, or
+    (out, final_state fp32 (b, d, n)). Differentiable in every tensor input, including the initial
+    state, and accepts a gradient on the final state.
+    """
+    b, d, L, n = _ref._check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if (
+        L == 0
+        or n > 256
+        or any(t is not None and t.dtype not in _SUPPORTED for t in tensors)
+        or any(t is not None and not t.is_cuda for t in tensors)
+    ):
+        return _ref.selective_scan_ref(
+            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            initial_state=initial_state, return_final_state=return_final_state,
+        )
+    args = _prepare_scan(*tensors)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad:
+        out, fin = _SelectiveScanFn.apply(*args, bool(delta_softplus))
+    else:
+        out, fin, _ = _ext().scan_fwd(*args[:8], bool(delta_softplus), args[8], False)
+    out = out.to(u.dtype)
+    return (out, fin) if return_final_state else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal conv1d
+# ----------------------------------------------------------------------------------------------
+
+
+class _CausalConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_state, silu):
+        out, ns = _ext().conv_fwd(x, weight, bias, conv_state, silu, True)
+        ctx.silu = silu
+        ctx.save_for_backward(x, weight, bias, conv_state)
+        ctx.set_materialize_grads(False)
+        return out, ns
+
+    @staticmethod
+    def backward(ctx, dout, dns):
+        x, weight, bias, conv_state = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(x)
+        dout = dout.to(x.dtype).contiguous()
+        dns = None if dns is None else dns.to(torch.float32).contiguous()
+        dx, dw, db, ds = _ext().conv_bwd(x, weight, bias, conv_state, dout, dns, ctx.silu)
+        return dx, dw, (db if bias is not None else None), (ds if conv_state is not None else None), None
+
+
+def causal_conv1d_cuda(x, weight, bias, conv_state, activation, return_final_state):
+    """Causal depthwise conv1d (w <= 4) with a (b, d, w) window state in and out; see ``causal_conv1d_ref``.
+
+    x: (b, d, L); weight: (d, w) or (d, 1, w); bias: (d,); conv_state: (b, d, w) (the last w inputs
+    seen, oldest first). Returns out (b, d, L) in x's dtype, or (out, new_state) with new_state in
+    conv_state's dtype (fp32 when none was given). Differentiable in x, weight, bias and conv_state.
+    """
+    w2 = weight.squeeze(1) if weight.dim() == 3 else weight
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+    tensors = (x, w2, bias, conv_state)
+    if (
+        x.dim() != 3
+        or w2.dim() != 2
+        or w2.shape[0] != x.shape[1]
+        or not 1 <= w2.shape[1] <= 4
+        or (conv_state is not None and tuple(conv_state.shape) != (x.shape[0], x.shape[1], w2.shape[1]))
+        or any(t is not None and (t.dtype not in _SUPPORTED or not t.is_cuda) for t in tensors)
+    ):
+        return _ref.causal_conv1d_ref(
+            x, weight, bias=bias, conv_state=conv_state, activation=activation, return_final_state=return_final_state
+        )
+    silu = activation is not None
+    args = (x.contiguous(), _f32(w2), _f32(bias), _f32(conv_state))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad:
+        out, ns = _CausalConvFn.apply(*args, silu)
+    else:
+        out, ns = _ext().conv_fwd(*args, silu, bool(return_final_state))
+    if not return_final_state:
+        return out
+    state_dtype = conv_state.dtype if conv_state is not None else torch.float32
+    return out, ns.to(state_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode steps
+# ----------------------------------------------------------------------------------------------
+
+
+def selective_state_update_cuda(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """One scan step in place on ``ssm_state`` (b, d, n) fp32; see ``selective_state_update_ref``.
+
+    x, dt, z: (b, d); A: (d, n); B, C: (b, n); D, dt_bias: (d,). Returns y (b, d) in x's dtype.
+    Not differentiable (a decoding op): with autograd recording it defers to the reference.
+    """
+    tensors = (ssm_state, x, dt, A, B, C, D, z, dt_bias)
+    if (
+        ssm_state.dtype != torch.float32
+        or not ssm_state.is_contiguous()
+        or x.dim() != 2
+        or B.dim() != 2
+        or C.dim() != 2
+        or ssm_state.shape[-1] != A.shape[-1]
+        or any(t is not None and (t.dtype not in _SUPPORTED or not t.is_cuda) for t in tensors)
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    ):
+        return _ref.selective_state_update_ref(
+            ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
+    e = x.dtype
+    xs = x.contiguous()
+    return _ext().ssm_step(
+        ssm_state,
+        xs,
+        dt.to(e).contiguous(),
+        None,
+        None,
+        _f32(A),
+        B.to(e).contiguous(),
+        C.to(e).contiguous(),
+        _f32(D),
+        None if z is None else z.to(e).contiguous(),
+        _f32(dt_bias),
+        bool(dt_softplus),
+    )
+
+
+def causal_conv1d_update_cuda(x, conv_state, weight, bias, activation):
+    """One conv step: shift ``conv_state`` (b, d, w) left, append x (b, d), convolve; in place.
+
+    Returns (b, d) in x's dtype; see ``causal_conv1d_update_ref``.
+    """
+    w2 = weight.squeeze(1) if weight.dim() == 3 else weight
+    tensors = (x, conv_state, w2, bias)
+    if (
+        x.dim() != 2
+        or w2.dim() != 2
+        or not 1 <= w2.shape[1] <= 4
+        or not conv_state.is_contiguous()
+        or any(t is not None and (t.dtype not in _SUPPORTED or not t.is_cuda) for t in tensors)
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    ):
+        return _ref.causal_conv1d_update_ref(x, conv_state, weight, bias=bias, activation=activation)
+    return _ext().conv_step(x.contiguous(), conv_state, _f32(w2), _f32(bias), activation is not None)
+
+
+def mamba_decode_step_cuda(
+    x,
+    z,
+    conv_state,
+    conv_weight,
+    conv_bias,
+    ssm_state,
+    x_proj_weight,
+    dt_proj_weight,
+    dt_proj_bias,
+    A,
+    D,
+    activation="silu",
+):
+    """One Mamba-1 mixer decode step between in_proj and out_proj, updating both states in place.
+
+    Args (b batch, d = d_inner, n state size, w conv width, R dt rank):
+        x: (b, d) conv input (the first half of in_proj's output).
+        z: (b, d) gate (the second half).
+        conv_state: (b, d, w) window, updated in place (any float dtype).
+        conv_weight: (d, w) or (d, 1, w); conv_bias: (d,) or None.
+        ssm_state: (b, d, n) fp32, updated in place.
+        x_proj_weight: (R + 2n, d); dt_proj_weight: (d, R); dt_proj_bias: (d,) (the dt bias, softplus
+            applied after it).
+        A: (d, n) fp32 (= -exp(A_log)); D: (d,).
+
+    Returns:
+        y: (b, d) in x's dtype, = (C . h + D * xc) * silu(z), the input of out_proj.
+
+    Three launches: (1) conv-window shift + conv + bias + silu, (2) x_proj as one cuBLAS GEMV,
+    (3) dt_proj + dt bias + softplus + state update + C readout + D skip + gate, fused. x_proj
+    needs every channel's conv output, so (1) and (3) cannot be one launch without a grid-wide sync.
+    """
+    xc = causal_conv1d_update_cuda(x, conv_state, conv_weight, conv_bias, activation)
+    x_dbl = F.linear(xc, x_proj_weight.to(xc.dtype))
+    R = dt_proj_weight.shape[1]
+    n = A.shape[-1]
+    tensors = (xc, z, ssm_state, dt_proj_weight, A, D, dt_proj_bias)
+    if (
+        ssm_state.dtype != torch.float32
+        or not ssm_state.is_contiguous()
+        or any(t is not None and (t.dtype not in _SUPPORTED or not t.is_cuda) for t in tensors)
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    ):
+        dt = F.linear(x_dbl[:, :R], dt_proj_weight.to(xc.dtype))
+        return _ref.selective_state_update_ref(
+            ssm_state, xc, dt, A, x_dbl[:, R : R + n], x_dbl[:, R + n :], D=D, z=z, dt_bias=dt_proj_bias,
+            dt_softplus=True,
+        )
+    e = xc.dtype
+    return _ext().ssm_step(
+        ssm_state,
+        xc,
+        None,
+        x_dbl[:, :R],
+        dt_proj_weight.to(e).contiguous(),
+        _f32(A),
+        x_dbl[:, R : R + n],
+        x_dbl[:, R + n :],
+        _f32(D),
+        None if z is None else z.to(e).contiguous(),
+        _f32(dt_proj_bias),
+        True,
+    )
