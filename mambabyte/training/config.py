@@ -178,6 +178,11 @@ def _check_type(key: str, value: Any) -> Any:
             return int(value)
         raise MambaByteError(f"config key {key!r} must be an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise MambaByteError(f"config key {key!r} must be a number, got {value!r}")
@@ -190,9 +195,15 @@ def _check_type(key: str, value: Any) -> Any:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        v = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+    if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(v) if any(c in v for c in ".eE") or v.lower() in ("inf", "nan") else int(v)
+        except ValueError:
+            return v
+    return v
 
 
 def apply_overrides(cfg: Dict[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
