@@ -1,0 +1,174 @@
+"""``mambabyte state``: the local library of recurrent states ($MAMBABYTE_HOME/states).
+
+    mambabyte state build NAME --source book.txt [more.txt ...] [--chunk_bytes N] [--store_text] [--model M]
+    mambabyte state list [--json]
+    mambabyte state show NAME|PATH [--json]
+    mambabyte state rm NAME
+    mambabyte state export NAME DEST [--force]
+
+Use a state with ``mambabyte generate --state NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import MambaByteError
+from .common import ArgumentParser, add_model_args, cli_entry, load_model, setup_logging
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="mambabyte state", description="Build, list, show, remove and export saved states.")
+    sub = p.add_subparsers(dest="cmd", metavar="{build,list,show,rm,export}")
+    sub.required = True
+    b = sub.add_parser("build", help="run files through the model and save the final state")
+    b.add_argument("name", help="library name (letters, digits, . _ -) or a path ending in .safetensors")
+    b.add_argument("--source", nargs="+", required=True, help="text files, consumed in order")
+    b.add_argument("--separator", default="", help="text placed between files (default none; e.g. $'\\n\\n')")
+    b.add_argument("--chunk_bytes", type=int, default=65536, help="bytes per forward call (default 65536)")
+    b.add_argument("--store_text", action="store_true", help="store the consumed text itself in the file")
+    b.add_argument("--description", default=None)
+    b.add_argument("--tags", default=None, help="comma-separated tags")
+    b.add_argument("--force", action="store_true", help="overwrite an existing state of that name")
+    b.add_argument("--seed", type=int, default=0, help="seed for a random model (when no checkpoint is given)")
+    b.add_argument("--no_progress", action="store_true")
+    add_model_args(b)
+    ls = sub.add_parser("list", help="list the library")
+    ls.add_argument("--json", action="store_true")
+    sh = sub.add_parser("show", help="metadata of one state")
+    sh.add_argument("name", help="library name or file path")
+    sh.add_argument("--json", action="store_true")
+    rm = sub.add_parser("rm", help="delete a state from the library")
+    rm.add_argument("name", nargs="+")
+    ex = sub.add_parser("export", help="copy a state file out of the library")
+    ex.add_argument("name")
+    ex.add_argument("dest", help="file or directory")
+    ex.add_argument("--force", action="store_true")
+    for sp in (b, ls, sh, rm, ex):
+        sp.error = p.error  # type: ignore[assignment]  (one-line errors from subcommands too)
+    return p
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_build(args) -> int:
+    import torch
+
+    from ..statelib import StateLibrary, build_state, check_name, save_state
+
+    if os.sep in args.name or args.name.endswith(".safetensors"):
+        target = Path(args.name)
+    else:
+        target = StateLibrary().path(check_name(args.name))
+    if target.exists() and not args.force:
+        raise MambaByteError(f"{str(target)!r} exists (use --force to overwrite)")
+    srcs = [Path(s) for s in args.source]
+    for s in srcs:
+        if not s.is_file():
+            raise MambaByteError(f"--source: no such file {str(s)!r}")
+    torch.manual_seed(args.seed)
+    model = load_model(args)
+    sep = args.separator.encode("utf-8")
+    state, info = build_state(model, srcs, chunk_bytes=args.chunk_bytes, separator=sep, return_info=True,
+                              progress=False if args.no_progress else None)
+    meta = {"text_sha256": info["text_sha256"], "source": [str(s.resolve()) for s in srcs],
+            "description": args.description, "tags": args.tags or []}
+    if sep:
+        meta["separator"] = args.separator
+    if args.store_text:
+        meta["text"] = sep.join(s.read_bytes() for s in srcs)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    p = save_state(target, state, meta, model=model, logits=info["logits"])
+    print(f"built state from {len(srcs)} file(s), {info['bytes']} bytes -> {p}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from ..statelib import StateLibrary
+
+    lib = StateLibrary()
+    items = lib.list()
+    if args.json:
+        print(json.dumps([{k: v for k, v in m.items() if k != "text"} for m in items], indent=2, sort_keys=True))
+        return 0
+    if not items:
+        print(f"no states in {lib.root}")
+        return 0
+    print(f"{'name':<24} {'bytes':>10} {'model':<17} {'size':>9}  created                    description")
+    for m in items:
+        if "error" in m:
+            print(f"{m['name']:<24} (unreadable: {m['error']})")
+            continue
+        print(f"{m['name']:<24} {m.get('bytes_consumed', 0):>10} {str(m.get('fingerprint')):<17} "
+              f"{_fmt_size(m['file_bytes']):>9}  {m.get('created', ''):<26} {m.get('description') or ''}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from ..statelib import read_state_file, resolve_state_path
+
+    p = resolve_state_path(args.name)
+    state, meta, logits = read_state_file(p)
+    meta = dict(meta, path=str(p), file_bytes=p.stat().st_size)
+    if args.json:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return 0
+    shp = meta["shape"]
+    print(f"path           {p}")
+    print(f"model          {meta.get('fingerprint')}")
+    print(f"bytes consumed {meta.get('bytes_consumed')}")
+    print(f"shape          n_layer {shp['n_layer']}, batch {shp['batch_size']}, d_inner {shp['d_inner']}, "
+          f"d_conv {shp['d_conv']}, d_state {shp['d_state']} ({meta.get('dtype')}, {_fmt_size(state.nbytes())})")
+    print(f"next logits    {'stored' if logits is not None else 'not stored'}")
+    print(f"text sha256    {meta.get('text_sha256')}")
+    if meta.get("source"):
+        print(f"source         {', '.join(meta['source'])}")
+    if meta.get("text") is not None:
+        t = meta["text"]
+        print(f"text           {len(t)} chars stored: {t[:60]!r}{'...' if len(t) > 60 else ''}")
+    print(f"description    {meta.get('description') or ''}")
+    print(f"tags           {', '.join(meta.get('tags') or [])}")
+    print(f"created        {meta.get('created')}")
+    print(f"format         {meta.get('format')} v{meta.get('format_version')}")
+    return 0
+
+
+def _cmd_rm(args) -> int:
+    from ..statelib import StateLibrary
+
+    lib = StateLibrary()
+    for n in args.name:
+        lib.path(n)  # validate all names before removing any
+        if not lib.exists(n):
+            raise MambaByteError(f"no state named {n!r} in {lib.root}")
+    for n in args.name:
+        print(f"removed {lib.remove(n)}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from ..statelib import StateLibrary
+
+    print(f"exported to {StateLibrary().export(args.name, args.dest, overwrite=args.force)}")
+    return 0
+
+
+@cli_entry
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(False)
+    return {"build": _cmd_build, "list": _cmd_list, "show": _cmd_show, "rm": _cmd_rm, "export": _cmd_export}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
