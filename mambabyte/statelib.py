@@ -102,8 +102,6 @@ def save_state(
         "model_config": model_config,
         "extra": meta or None,
     }
-    if header["text"] is not None and not header["text_is_utf8"]:
-        header["text"] = tb.hex()  # non-UTF-8 text is stored as hex
     tensors = {"conv": state.conv.detach().to("cpu").contiguous().clone(),
                "ssm": state.ssm.detach().to("cpu").contiguous().clone()}
     if logits is not None:
@@ -124,6 +122,14 @@ def save_state(
     except OSError as exc:
         raise MambaByteError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
     return path
+
+
+def meta_text_bytes(meta: Dict[str, Any]) -> Optional[bytes]:
+    """The consumed text stored in a state's metadata, as bytes (None when not stored).
+
+    Text is stored as a JSON string decoded with ``surrogateescape``, so non-UTF-8 bytes round-trip."""
+    t = meta.get("text")
+    return None if t is None else t.encode("utf-8", errors="surrogateescape")
 
 
 def _is_utf8(b: bytes) -> bool:
@@ -496,5 +502,6 @@ __all__ = [
     "StateLibrary",
     "resolve_state_path",
     "check_state_for_model",
+    "meta_text_bytes",
     "STATE_FORMAT_VERSION",
 ]

@@ -233,8 +233,10 @@ def _save(target, result, model, prompt: bytes, parent_meta, args) -> None:
         consumed = prompt + result.sequences[0]
         if parent_meta is None:
             meta["text"] = consumed
-        elif parent_meta.get("text") is not None and parent_meta.get("text_is_utf8"):
-            meta["text"] = parent_meta["text"].encode("utf-8", errors="surrogateescape") + consumed
+        elif parent_meta.get("text") is not None:
+            from ..statelib import meta_text_bytes
+
+            meta["text"] = meta_text_bytes(parent_meta) + consumed
         else:
             meta["parent_text_sha256"] = parent_meta.get("text_sha256")
             meta["continuation"] = consumed.decode("utf-8", errors="replace")

@@ -1,0 +1,171 @@
+"""`mambabyte generate`, `mambabyte state` and scripts/generate.py end to end on a tiny checkpoint."""
+
+import importlib.util
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mambabyte
+from mambabyte import MambaByteLM
+from mambabyte.cli import generate as gen_cli
+from mambabyte.cli import state as state_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ckpt(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBABYTE_HOME", str(tmp_path / "home"))
+    d = tmp_path / "tiny_ckpt"
+    tiny_model.save_pretrained(d)
+    return str(d)
+
+
+def run_cli(main, argv, capsysbinary):
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsysbinary.readouterr()
+    return rc, out, err.decode("utf-8", errors="replace")
+
+
+def test_generate_cli_matches_api(ckpt, tiny_model, capsysbinary):
+    rc, out, err = run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "Hello", "--max_new_bytes", "24",
+                                          "--temperature", "0", "--raw", "--stats"], capsysbinary)
+    assert rc == 0, err
+    api = tiny_model.generate("Hello", max_new_bytes=24, temperature=0)
+    assert out == api.bytes + b"\n"
+    assert "decode 24 B" in err
+    rc, out2, _ = run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "Hello", "--max_new_bytes", "24",
+                                         "--temperature", "0", "--stream"], capsysbinary)
+    assert rc == 0 and out2.decode("utf-8") == api.text + "\n"
+
+
+def test_generate_cli_samples_seed_and_stop(ckpt, tiny_model, capsysbinary):
+    args = ["--model", ckpt, "--prompt", "abc", "--max_new_bytes", "16", "--seed", "3", "--num_samples", "2"]
+    rc, a, _ = run_cli(gen_cli.main, args, capsysbinary)
+    rc2, b, _ = run_cli(gen_cli.main, args, capsysbinary)
+    assert rc == rc2 == 0 and a == b and a.count(b"sample ") == 2
+    full = tiny_model.generate("abc", max_new_bytes=30, temperature=0).bytes
+    stop = full[12:14]
+    rc, out, _ = run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "abc", "--max_new_bytes", "30", "--temperature", "0",
+                                        "--stop", stop.decode("latin-1"), "--raw"], capsysbinary)
+    # a non-UTF-8 stop byte in argv arrives as its UTF-8 encoding; compare with what the CLI was given
+    want = stop.decode("latin-1").encode("utf-8")
+    k = full.find(want)
+    assert rc == 0 and out == (full[:k] if k >= 0 else full) + b"\n"
+
+
+def test_save_state_then_continue_is_exact(ckpt, tiny_model, capsysbinary, tmp_path):
+    rc, first, err = run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "Chapter 1.", "--max_new_bytes", "10",
+                                            "--temperature", "0", "--raw", "--save_state", "ch1"], capsysbinary)
+    assert rc == 0 and "saved state" in err
+    rc, second, _ = run_cli(gen_cli.main, ["--model", ckpt, "--state", "ch1", "--max_new_bytes", "15",
+                                           "--temperature", "0", "--raw", "--save_state", str(tmp_path / "x.safetensors")],
+                            capsysbinary)
+    assert rc == 0
+    whole = tiny_model.generate("Chapter 1.", max_new_bytes=25, temperature=0).bytes
+    assert first[:-1] + second[:-1] == whole
+    meta = mambabyte.load_state(tmp_path / "x.safetensors", tiny_model, return_meta=True)[1]
+    assert meta["bytes_consumed"] == 35 and meta["text"] == (b"Chapter 1." + whole).decode("utf-8", "surrogateescape")
+
+
+def test_generate_cli_errors_are_one_line(ckpt, capsysbinary, tmp_path):
+    torch.manual_seed(5)
+    other = tmp_path / "other"
+    MambaByteLM.from_preset("tiny").save_pretrained(other)
+    run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "x", "--max_new_bytes", "2", "--save_state", "s"], capsysbinary)
+    cases = [
+        ["--model", ckpt, "--prompt", "x", "--prompt_file", "f"],
+        ["--model", ckpt],  # empty prompt without a state
+        ["--model", ckpt, "--prompt", "x", "--temperature", "-1"],
+        ["--model", ckpt, "--prompt", "x", "--top_p", "0"],
+        ["--model", ckpt, "--state", "no_such_state"],
+        ["--model", str(other), "--state", "s"],  # fingerprint mismatch
+        ["--model", ckpt, "--prompt", "x", "--speculative"],
+        ["--model", ckpt, "--prompt", "x", "--save_state", "bad name!"],
+        ["--model", ckpt, "--prompt", "x", "--max_new_bytes", "lots"],
+    ]
+    for argv in cases:
+        rc, out, err = run_cli(gen_cli.main, argv, capsysbinary)
+        assert rc == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    rc, out, err = run_cli(gen_cli.main, ["--model", str(other), "--state", "s", "--force", "--max_new_bytes", "3"],
+                           capsysbinary)
+    assert rc == 0
+
+
+def test_interactive_keeps_the_state(ckpt, tiny_model, capsysbinary, monkeypatch):
+    stdin = io.TextIOWrapper(io.BytesIO(b"first turn\n/save turn1\nsecond\n/quit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc, out, err = run_cli(gen_cli.main, ["--model", ckpt, "--interactive", "--max_new_bytes", "8", "--temperature", "0"],
+                           capsysbinary)
+    assert rc == 0, err
+    r1 = tiny_model.generate("first turn\n", max_new_bytes=8, temperature=0)
+    r2 = tiny_model.generate("second\n", state=r1.state, max_new_bytes=8, temperature=0)
+    assert out.decode("utf-8") == r1.text + "\n" + r2.text + "\n"
+    saved = mambabyte.load_state("turn1", tiny_model)
+    assert saved.equal(r1.state)
+
+
+def test_state_cli_end_to_end(ckpt, tiny_model, capsysbinary, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"Call me Ishmael. " * 20)
+    (tmp_path / "b.txt").write_bytes("Some years ago \u2014 never mind".encode())
+    rc, out, err = run_cli(state_cli.main, ["build", "moby", "--model", ckpt, "--source", str(tmp_path / "a.txt"),
+                                            str(tmp_path / "b.txt"), "--chunk_bytes", "50", "--description", "whale",
+                                            "--tags", "x,y", "--store_text", "--no_progress"], capsysbinary)
+    assert rc == 0, err
+    ref = mambabyte.build_state(tiny_model, [tmp_path / "a.txt", tmp_path / "b.txt"], progress=False)
+    st = mambabyte.load_state("moby", tiny_model)
+    assert st.allclose(ref, rtol=1e-5, atol=1e-6) and st.bytes_consumed == ref.bytes_consumed
+    rc, out, _ = run_cli(state_cli.main, ["list"], capsysbinary)
+    assert rc == 0 and b"moby" in out and b"whale" in out
+    rc, out, _ = run_cli(state_cli.main, ["show", "moby"], capsysbinary)
+    assert rc == 0 and tiny_model.fingerprint().encode() in out and b"x, y" in out
+    rc, out, _ = run_cli(state_cli.main, ["show", "moby", "--json"], capsysbinary)
+    assert rc == 0 and b'"bytes_consumed"' in out
+    rc, _, err = run_cli(state_cli.main, ["build", "moby", "--model", ckpt, "--source", str(tmp_path / "a.txt")],
+                         capsysbinary)
+    assert rc == 2 and "exists" in err
+    # generate continues from the library state exactly like the API does
+    rc, out, _ = run_cli(gen_cli.main, ["--model", ckpt, "--state", "moby", "--prompt", " and", "--max_new_bytes", "8",
+                                        "--temperature", "0", "--raw"], capsysbinary)
+    assert out[:-1] == tiny_model.generate(" and", state=ref, max_new_bytes=8, temperature=0).bytes
+    rc, out, _ = run_cli(state_cli.main, ["export", "moby", str(tmp_path)], capsysbinary)
+    assert rc == 0 and (tmp_path / "moby.safetensors").is_file()
+    rc, out, _ = run_cli(state_cli.main, ["rm", "moby"], capsysbinary)
+    assert rc == 0
+    for argv in (["rm", "moby"], ["show", "moby"], ["export", "moby", str(tmp_path)], ["rm", "../x"], [],
+                 ["build", "z", "--model", ckpt, "--source", str(tmp_path / "missing.txt")], ["frobnicate"]):
+        rc, _, err = run_cli(state_cli.main, argv, capsysbinary)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_dispatcher_and_paper_script(ckpt, tiny_model, capsysbinary):
+    from mambabyte.cli.main import main as mb_main
+
+    rc, out, _ = run_cli(mb_main, ["generate", "--model", ckpt, "--prompt", "hi", "--max_new_bytes", "5",
+                                   "--temperature", "0", "--raw"], capsysbinary)
+    assert rc == 0 and out[:-1] == tiny_model.generate("hi", max_new_bytes=5, temperature=0).bytes
+    spec = importlib.util.spec_from_file_location("paper_generate", REPO / "scripts" / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc, out, err = run_cli(mod.main, ["--pretrained_model_filepath", ckpt, "--prompt", "hi", "--max_new_tokens", "6",
+                                      "--num_samples", "2", "--temperature", "0", "--top_k", "256", "--top_p", "0",
+                                      "--seed", "1"], capsysbinary)
+    assert rc == 0, err
+    text = out.decode("utf-8")
+    g = tiny_model.generate("hi", max_new_bytes=6, temperature=0).text
+    assert text.startswith("PROMPT\n======\nhi\n\nGENERATIONS\n===========\n")
+    assert text.count(g + "\n" + "-" * 80) == 2
+    rc, out, err = run_cli(mod.main, ["--config_path", str(REPO / "scripts/configs/mambabyte_lm.yml"), "--model_id", "tiny",
+                                      "--prompt", "x", "--max_new_tokens", "3"], capsysbinary)
+    assert rc == 0 and "RANDOMLY INITIALISED" in err
+    rc, _, err = run_cli(mod.main, ["--config_path", str(REPO / "scripts/configs/mambabyte_lm.yml"), "--model_id", "nope"],
+                         capsysbinary)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
