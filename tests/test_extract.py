@@ -320,10 +320,12 @@ def test_size_estimate_matches_paper_scale():
 
     with torch.device("meta"):
         model = MambaByteLM.from_preset("972M")
-    est = extraction.estimate_discrete_A(model, 10240, [0], None, None, torch.float32)
-    assert 2.1 < est.gb < 2.3  # 10240 x 3584 x 16 x 4 bytes ~ 2.19 GiB (~2.35 GB): the issue's ~2.4 GB per layer
-    est = extraction.estimate_discrete_A(model, 10240, list(range(48)), "norm", 1, torch.float16)
-    assert est.total_bytes < 20 * 1024**2
+    L = os.path.getsize(os.path.join(REPO, "pg19_samples", "4128.txt"))  # the 10 KB sample
+    est = extraction.estimate_discrete_A(model, L, [0], None, None, torch.float32)
+    assert 2.35 < est.gb < 2.45  # L x 3584 x 16 x 4 bytes: the issue's ~2.4 GB per layer
+    assert extraction.format_bytes(est.total_bytes).startswith("2.39 GB")
+    est = extraction.estimate_discrete_A(model, L, list(range(48)), "norm", 1, torch.float16)
+    assert est.total_bytes < 20 * 10**6
 
 
 BAD = [

@@ -198,7 +198,7 @@ def input_sim_with_discrete_A(delta: Tensor, A: Tensor, x: Tensor, out_dtype: to
 
 # ---------------------------------------------------------------------------------------------------
 # size estimates
-_GB = 1024**3
+_GB = 10**9  # decimal gigabytes, as --max_output_gb counts them
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -206,7 +206,7 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit, scale in (("GB", _GB), ("MB", 1024**2), ("KB", 1024)):
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"

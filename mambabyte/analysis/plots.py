@@ -87,6 +87,18 @@ def _pick_layers(available: Sequence[int], layers: Optional[Sequence[int]], max_
     return sorted({available[round(k * step)] for k in range(max_layers)})
 
 
+def _compact(idx: Sequence[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    parts, run = [], []
+    for i in list(idx) + [None]:
+        if run and (i is None or i != run[-1] + 1):
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)))
+            run = []
+        if i is not None:
+            run.append(i)
+    return ", ".join(parts)
+
+
 def _describe(art: Dict[str, Any], key: str) -> Tuple[str, Tuple[str, ...]]:
     dims = tuple(art.get("dims", {}).get(key, ()))
     if art["kind"] == "module_outputs":
@@ -278,8 +290,8 @@ def plot_artefact(artefact: Union[str, os.PathLike, Dict[str, Any]], out_path: U
             last.set_xlabel(f"byte position (bytes {s}..{e - 1}; --window START:END with <= {max_char_ticks} bytes "
                             "shows the characters)", fontsize=8)
     head = title or (
-        f"{art['kind']} · model {art.get('model_id')} · {len(data)} bytes · layers {shown}"
-        + (f" of {sorted(per_layer)}" if len(shown) < len(per_layer) else "")
+        f"{art['kind']} · model {art.get('model_id')} · {len(data)} bytes · layers {_compact(shown)}"
+        + (f" (of {len(per_layer)} stored)" if len(shown) < len(per_layer) else "")
     )
     if show_chars or len(data) <= 80:
         snippet = data[s:e].decode("utf-8", errors="replace").replace("\n", " ")

@@ -103,7 +103,7 @@ def _load(args):
             args.dtype = str(yml_general["dtype"])
         if args.device in (None, "auto") and yml_general.get("device"):
             args.device = str(yml_general["device"])
-        if args.model_id is not None:
+        if args.model_id is not None and not args.pretrained_model_filepath:
             from ..config import config_from_yaml
 
             yml_cfg = config_from_yaml(cfg_path, args.model_id)
@@ -192,7 +192,8 @@ def run(kind: str, args) -> int:
     art = build_artefact(
         kind, res, prompt, model,
         model_id=args.model_id or getattr(model.config, "name", None),
-        pretrained_model_filepath=args.pretrained_model_filepath,
+        # the checkpoint given, else the shipped default actually loaded (None for a random model)
+        pretrained_model_filepath=args.pretrained_model_filepath or getattr(model, "source_path", None),
         out_dtype=out_dtype, seed=args.seed, **extra,
     )
     path = save_artefact(art, args.filepath_to_store_outputs)
