@@ -71,7 +71,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "tokenizers"],
         "hf": ["datasets", "huggingface_hub"],
         "subword": ["tokenizers"],
     },
