@@ -157,3 +157,29 @@ def test_matplotlib_is_lazy_and_pyplot_unused(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "z.png").stat().st_size > 1000
+
+
+def test_paper_code_pickle_is_read_and_plotted(tmp_path):
+    """The paper code's pickles (probabilities stored under log_probs, no schema) still plot."""
+    from mambabyte.analysis.artefact import load_artefact
+
+    L = 30
+    old = {
+        "prompt": "x" * L,
+        "discrete_A": {0: torch.rand(L, 16), 3: torch.rand(L, 16)},
+        "log_probs": torch.full((L - 1,), 0.25),
+        "ranks": torch.zeros(L - 1, dtype=torch.long),
+        "model_id": "972M",
+        "layer_idxs": [0, 3],
+        "reduction": "norm",
+        "pretrained_model_filepath": None,
+    }
+    pkl = tmp_path / "old.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump(old, f)
+    art = load_artefact(pkl)
+    assert art["kind"] == "discrete_A" and art["legacy_paper_artefact"]
+    torch.testing.assert_close(art["probs"], old["log_probs"])
+    torch.testing.assert_close(art["log_probs"], torch.full((L - 1,), 0.25).log())
+    assert plot_cli.main([str(pkl), "-o", str(tmp_path / "old.png"), "--dpi", "50"]) == 0
+    _png(tmp_path / "old.png")

@@ -130,10 +130,62 @@ def load_artefact(path) -> Dict[str, Any]:
 
         with open(p, "rb") as f:
             art = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError, KeyError,
+            IndexError) as exc:
         raise MambaByteError(f"{str(p)!r} is not a readable artefact pickle: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if isinstance(art, dict) and "schema_version" not in art and "prompt" in art and "layer_idxs" in art:
+        art = from_paper_artefact(art)
     check_artefact(art, str(p))
     return art
+
+
+def from_paper_artefact(old: Dict[str, Any]) -> Dict[str, Any]:
+    """Convert a pickle written by the MambaByte paper code's scripts to this schema.
+
+    Those dicts hold ``prompt`` (str), one tensor key, ``log_probs`` (which were plain probabilities),
+    ``ranks``, ``model_id``, ``layer_idxs``, ``pretrained_model_filepath`` and, for discrete_A,
+    ``reduction`` (no ``reduction_dim``). Dimension names that cannot be known are left generic.
+    """
+    import torch
+
+    if "input_sim_with_discrete_A" in old:
+        kind, keys = "input_sim_with_discrete_A", ["input_sim_with_discrete_A"]
+    elif "discrete_A" in old:
+        kind, keys = "discrete_A", ["discrete_A"]
+    elif isinstance(old.get("module_id"), str) and isinstance(old.get(old["module_id"]), dict):
+        kind, keys = "module_outputs", [old["module_id"]]
+    else:
+        raise MambaByteError("this pickle is neither a mambabyte artefact nor one of the paper code's")
+    new = dict(old)
+    dims = {}
+    for k in keys:
+        first = next(iter(old[k].values()), None)
+        nd = first.dim() if isinstance(first, torch.Tensor) else 0
+        if kind == "discrete_A" and nd == 3:
+            dims[k] = ("L", "d_inner", "d_state")
+        elif kind == "input_sim_with_discrete_A":
+            dims[k] = ("L", "d_state")
+        else:
+            dims[k] = ("L",) + tuple(f"dim{i}" for i in range(1, nd))
+    probs = old.get("log_probs")
+    prompt = old.get("prompt") or ""
+    new.update(
+        schema_version=0,
+        kind=kind,
+        tensor_keys=keys,
+        dims=dims,
+        prompt_bytes=prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt),
+        probs=probs,
+        log_probs=probs.double().log().float() if isinstance(probs, torch.Tensor) else None,
+        reduction=old.get("reduction"),
+        reduction_dim=old.get("reduction_dim"),
+        config=old.get("config"),
+        module_ids=[old["module_id"]] if kind == "module_outputs" else None,
+        legacy_paper_artefact=True,
+    )
+    new.setdefault("pretrained_model_filepath", None)
+    new.setdefault("model_id", None)
+    return new
 
 
 def check_artefact(art: Any, where: str = "artefact") -> None:
