@@ -107,6 +107,46 @@ def bench_scan_shape(b, d, L, n, h0=False):
     )
 
 
+FWD_VARIANTS = [dict(items=8, fwd_min_blocks=1), dict(items=8, fwd_min_blocks=5), dict(items=16, fwd_min_blocks=1)]
+BWD_VARIANTS = [
+    dict(bwd_warps=4, bwd_min_blocks=1),
+    dict(bwd_warps=4, bwd_min_blocks=2),
+    dict(bwd_warps=8, bwd_min_blocks=1),
+    dict(bwd_warps=8, bwd_min_blocks=2),
+]
+
+
+def sweep_variants(shape):
+    """Forward and forward+backward time of every compiled kernel variant at one shape."""
+    b, d, L, n = shape
+    saved = dict(CB.TUNING)
+    rows = []
+    t = scan_inputs(b, d, L, n)
+    for v in FWD_VARIANTS:
+        CB.TUNING.update(v)
+        with torch.no_grad():
+            ms = bench(lambda: call_scan(t))
+        rows.append(dict(shape=list(shape), pass_="fwd", variant=v, ms=ms))
+        print(json.dumps(rows[-1]), flush=True)
+    CB.TUNING.update(saved)
+    del t
+    tg = scan_inputs(b, d, L, n, grad=True)
+    leaves = [v for v in tg.values() if v is not None and v.requires_grad]
+    dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
+    for v in BWD_VARIANTS:
+        CB.TUNING.update(v)
+
+        def fb():
+            out, fin = call_scan(tg)
+            torch.autograd.grad([out], leaves, [dout])
+
+        ms = bench(fb, warmup=10, rep=50)
+        rows.append(dict(shape=list(shape), pass_="fwd+bwd", variant=v, ms=ms))
+        print(json.dumps(rows[-1]), flush=True)
+    CB.TUNING.update(saved)
+    return rows
+
+
 def bench_verify(d=3584, n=16, ks=(1, 8, 32, 128, 512)):
     """Multi-byte scan from a state (speculative verification), batch 1, bf16, no grad."""
     rows = []
@@ -172,6 +212,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="scan shapes only")
+    ap.add_argument("--sweep", action="store_true", help="also time every compiled scan kernel variant")
     args = ap.parse_args(argv)
     ok, reason = CB.status()
     if not ok:
@@ -186,6 +227,11 @@ def main(argv=None):
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         scan=[],
     )
+    res["tuning"] = dict(CB.TUNING)
+    if args.sweep:
+        res["sweep"] = []
+        for shape in ANCHOR:
+            res["sweep"] += sweep_variants(shape)
     for shape in ANCHOR:
         for h0 in (False, True):
             r = bench_scan_shape(*shape, h0=h0)

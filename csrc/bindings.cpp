@@ -66,7 +66,7 @@ static void fill_scan(mb::ScanParams& p, const Tensor& u, const Tensor& delta, c
   p.dim = (int)d;
   p.seqlen = (int)L;
   p.dstate = (int)n;
-  p.n_chunks = (int)((L + mb::kScanChunk - 1) / mb::kScanChunk);
+  p.n_save = (int)((L + mb::kScanChunk - 1) / mb::kScanChunk);
   p.softplus = softplus ? 1 : 0;
   p.bc_dtype = dtype_code(B);
   const int64_t esz = u.element_size(), bsz = B.element_size();
@@ -120,18 +120,21 @@ static void run_scan_bwd(mb::ScanParams& p, int dt, cudaStream_t s) {
   else mb::scan_bwd_bf16(p, s);
 }
 
-// Returns [out, final_state, chunk_states (empty unless save_states)].
+// Returns [out, final_state, chunk_states (empty unless save_states)]. items: time steps per thread (8 / 16).
 std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus, const OptT& h0,
-                             bool save_states) {
+                             bool save_states, int64_t items, int64_t min_blocks) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
+  TORCH_CHECK(items == 8 || items == 16, "items must be 8 or 16");
+  p.items = (int)items;
+  p.fwd_min_blocks = (int)min_blocks;
   const int64_t b = p.batch, d = p.dim, n = p.dstate;
   p.h0 = opt_f32(h0, "initial_state", b * d * n);
   Tensor out = at::empty_like(u);
   Tensor fin = at::empty({b, d, n}, u.options().dtype(at::kFloat));
-  Tensor cs = save_states ? at::empty({b, d, (int64_t)p.n_chunks, n}, u.options().dtype(at::kFloat))
+  Tensor cs = save_states ? at::empty({b, d, (int64_t)p.n_save, n}, u.options().dtype(at::kFloat))
                           : at::empty({0}, u.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.in_vec = p.in_vec && aligned16(p.out);
@@ -146,14 +149,16 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
 // input was absent. Variable dB / dC come back as fp32 (b, g, n, L); fixed ones as fp32 (d, n).
 std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus,
-                             const Tensor& chunk_states, const Tensor& dout, const OptT& dfinal) {
+                             const Tensor& chunk_states, const Tensor& dout, const OptT& dfinal, int64_t warps, int64_t min_blocks) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
+  p.bwd_warps = (int)warps;
+  p.bwd_min_blocks = (int)min_blocks;
   const int64_t b = p.batch, d = p.dim, n = p.dstate, L = p.seqlen;
   CHECK_CONTIG(chunk_states);
   CHECK_F32(chunk_states);
-  TORCH_CHECK(chunk_states.numel() == b * d * p.n_chunks * n, "chunk_states has the wrong size");
+  TORCH_CHECK(chunk_states.numel() == b * d * p.n_save * n, "chunk_states has the wrong size");
   CHECK_CONTIG(dout);
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
   p.chunk_states = chunk_states.data_ptr<float>();
@@ -165,7 +170,7 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
   Tensor dA_part = at::empty({b, d, n}, f32);
   Tensor dD_part = at::empty({b, d}, f32), dbias_part = at::empty({b, d}, f32);
   Tensor dh0 = at::empty({b, d, n}, f32);
-  const int64_t Lpad = (int64_t)p.n_chunks * mb::kScanChunk;
+  const int64_t Lpad = (int64_t)p.n_save * mb::kScanChunk;
   p.Lpad = (int)Lpad;
   Tensor dB = p.B_var ? at::zeros({b, (int64_t)p.B_groups, n, Lpad}, f32) : at::empty({b, d, n}, f32);
   Tensor dC = p.C_var ? at::zeros({b, (int64_t)p.C_groups, n, Lpad}, f32) : at::empty({b, d, n}, f32);

@@ -33,6 +33,7 @@ __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf
 template <typename E, int kT>
 __device__ __forceinline__ void load_run(const E* __restrict__ row, int t0, int L, bool vec, E (&v)[kT]) {
   static_assert((kT * sizeof(E)) % 16 == 0, "run must be a whole number of 16-byte vectors");
+  static_assert(alignof(E[kT]) <= 16, "");
   if (vec && t0 + kT <= L) {
     constexpr int kV = kT * sizeof(E) / 16;
     const uint4* src = reinterpret_cast<const uint4*>(row + t0);
@@ -47,7 +48,7 @@ __device__ __forceinline__ void load_run(const E* __restrict__ row, int t0, int 
 
 template <typename E, int kT>
 __device__ __forceinline__ void load_run_f(const E* __restrict__ row, int t0, int L, bool vec, float (&f)[kT]) {
-  E v[kT];
+  alignas(16) E v[kT];
   load_run<E, kT>(row, t0, L, vec, v);
 #pragma unroll
   for (int i = 0; i < kT; ++i) f[i] = to_float(v[i]);
@@ -55,7 +56,7 @@ __device__ __forceinline__ void load_run_f(const E* __restrict__ row, int t0, in
 
 template <typename E, int kT>
 __device__ __forceinline__ void store_run_f(E* __restrict__ row, int t0, int L, bool vec, const float (&f)[kT]) {
-  E v[kT];
+  alignas(16) E v[kT];
 #pragma unroll
   for (int i = 0; i < kT; ++i) v[i] = from_float<E>(f[i]);
   if (vec && t0 + kT <= L) {
@@ -100,6 +101,44 @@ __device__ __forceinline__ void warp_scan_rev(float& P, float& S, int lane) {
     if (lane + off < 32) {
       S = fmaf(P, Sn, S);
       P *= Pn;
+    }
+  }
+}
+
+}  // namespace mambabyte
+
+namespace mambabyte {
+
+// 16-byte asynchronous global -> shared copies (sm_80+), one commit group per stage.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+
+// Stage rows [t_base, t_base + kLen) of the N rows of B and of C (each row L long, rows N apart in
+// memory order n * L) into dst = [2 (B, C)][N][kLen], zero past L. All threads of the block call it.
+template <typename BE, int kLen>
+__device__ __forceinline__ void stage_bc_rows(BE* dst, const BE* __restrict__ Bb, const BE* __restrict__ Cb, int N,
+                                              int L, int t_base, int vecB, int vecC) {
+  constexpr int kPer = 16 / sizeof(BE);
+  constexpr int kVecPerRow = kLen / kPer;
+  const int total = 2 * N * kVecPerRow;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int row = idx / kVecPerRow;  // 0..2N-1: B rows then C rows
+    const int v = idx - row * kVecPerRow;
+    const int which = row >= N;
+    const int n = row - which * N;
+    const BE* src = (which ? Cb : Bb) + (long)n * L + t_base + v * kPer;
+    BE* d = dst + (long)row * kLen + v * kPer;
+    const int t = t_base + v * kPer;
+    if ((which ? vecC : vecB) && t + kPer <= L) {
+      cp_async16(d, src);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) d[j] = (t + j < L) ? src[j] : from_float<BE>(0.f);
     }
   }
 }

@@ -12,7 +12,11 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // Selective scan. All (b, d, L) tensors are contiguous with rows of length L. Variable B / C are
 // contiguous (b, g, n, L); fixed B / C are contiguous (d, n). A is fp32 (d, n).
 struct ScanParams {
-  int batch = 0, dim = 0, seqlen = 0, dstate = 0, n_chunks = 0;
+  int batch = 0, dim = 0, seqlen = 0, dstate = 0;
+  int n_save = 0;     // ceil(L / kScanChunk): chunk-start states saved by the forward for the backward
+  int items = 8;      // forward: time steps per thread (8 or 16)
+  int bwd_warps = 4;  // backward: channels per block (4 or 8)
+  int fwd_min_blocks = 1, bwd_min_blocks = 1;  // register-cap variants (see scan_kernels.cuh)
   int B_var = 0, C_var = 0;   // 1: (b, g, n, L); 0: (d, n)
   int B_cpg = 1, C_cpg = 1;   // channels per group (d / g) for variable B / C
   int B_groups = 1, C_groups = 1;
@@ -32,7 +36,7 @@ struct ScanParams {
 
   void* out = nullptr;
   float* final_state = nullptr;   // (b, d, n)
-  float* chunk_states = nullptr;  // optional (b, d, n_chunks, n): state at each chunk's start
+  float* chunk_states = nullptr;  // optional (b, d, n_save, n): state every kScanChunk steps
 
   // backward
   const void* dout = nullptr;

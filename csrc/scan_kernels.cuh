@@ -20,23 +20,29 @@
 #include "common.cuh"
 #include "params.h"
 
+#include <type_traits>
+
 namespace mambabyte {
 
-template <typename BE>
+template <typename BE, int kT>
 __device__ __forceinline__ void fetch_bc(const BE* __restrict__ base, int var, int n, int L, int t0, int vec,
-                                         BE (&v)[kScanItems]) {
+                                         BE (&v)[kT]) {
   if (var) {
-    load_run<BE, kScanItems>(base + (long)n * L, t0, L, vec, v);
+    load_run<BE, kT>(base + (long)n * L, t0, L, vec, v);
   } else {
     const BE c = base[n];
 #pragma unroll
-    for (int i = 0; i < kScanItems; ++i) v[i] = c;
+    for (int i = 0; i < kT; ++i) v[i] = c;
   }
 }
 
-template <typename E, typename BE>
-__global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p) {
-  constexpr int kT = kScanItems;
+// kStage: B and C are both variable; each chunk of their rows is staged in shared memory (cp.async,
+// double-buffered, one chunk ahead) and shared by the block's channels.
+template <typename E, typename BE, int kT, int kMinBlocks, bool kStage>
+__global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanParams p) {
+  constexpr int kChunk = 32 * kT;
+  constexpr int kSavesPerChunk = kChunk / kScanChunk;  // states saved every kScanChunk steps
+  constexpr int kLanesPerSave = kScanChunk / kT;
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -44,8 +50,9 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p) {
   const int ch = blockIdx.x * nwarps + warp;
   const int bi = blockIdx.y;
   const int L = p.seqlen, N = p.dstate;
-  if (ch >= p.dim) return;  // whole warp leaves (no block barriers in this kernel)
   float* carry = smem + warp * N;
+  BE* stage = reinterpret_cast<BE*>(smem + ((nwarps * N + 3) & ~3));  // [2][2][N][kChunk] when kStage
+  const int n_chunks = (L + kChunk - 1) / kChunk;
 
   const long bd = (long)bi * p.dim + ch;
   const long row = bd * L;
@@ -64,65 +71,115 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p) {
   const float Dv = p.D ? p.D[ch] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[ch] : 0.f;
 
-  for (int c = 0; c < p.n_chunks; ++c) {
-    const int t0 = c * kScanChunk + lane * kT;
-    float uv[kT], dl[kT], du[kT], y[kT];
-    load_run_f<E, kT>(u, t0, L, p.in_vec, uv);
-    load_run_f<E, kT>(dlt, t0, L, p.in_vec, dl);
+  if constexpr (kStage) {
+    stage_bc_rows<BE, kChunk>(stage, Bb, Cb, N, L, 0, p.B_vec, p.C_vec);
+    cp_async_commit();
+  }
+  // raw inputs of the next chunk, loaded one chunk ahead
+  E ru[kT], rd[kT], rz[kT];
+  load_run<E, kT>(u, lane * kT, L, p.in_vec, ru);
+  load_run<E, kT>(dlt, lane * kT, L, p.in_vec, rd);
+  if (zr) load_run<E, kT>(zr, lane * kT, L, p.in_vec, rz);
+
+  for (int c = 0; c < n_chunks; ++c) {
+    const int t0 = c * kChunk + lane * kT;
+    float uv[kT], dl[kT], du[kT], y[kT], zv[kT];
+#pragma unroll
+    for (int i = 0; i < kT; ++i) {
+      uv[i] = to_float(ru[i]);
+      dl[i] = to_float(rd[i]);
+      zv[i] = zr ? to_float(rz[i]) : 0.f;
+    }
+    if (c + 1 < n_chunks) {
+      load_run<E, kT>(u, t0 + kChunk, L, p.in_vec, ru);
+      load_run<E, kT>(dlt, t0 + kChunk, L, p.in_vec, rd);
+      if (zr) load_run<E, kT>(zr, t0 + kChunk, L, p.in_vec, rz);
+    }
+    float dsum = 0.f;
 #pragma unroll
     for (int i = 0; i < kT; ++i) {
       float d = dl[i] + bias;
       if (p.softplus) d = softplus_f(d);
       dl[i] = (t0 + i < L) ? d : 0.f;  // padded steps: exp(0*A) = 1, input 0: state passes through
+      dsum += dl[i];
       du[i] = dl[i] * uv[i];
       y[i] = 0.f;
     }
-    float* cs = p.chunk_states ? p.chunk_states + (bd * p.n_chunks + c) * N : nullptr;
+    float* cs = p.chunk_states ? p.chunk_states + (bd * p.n_save + (long)c * kSavesPerChunk) * N : nullptr;
 
-    BE Bn[kT], Cn[kT];
-    fetch_bc<BE>(Bb, p.B_var, 0, L, t0, p.B_vec, Bn);
-    fetch_bc<BE>(Cb, p.C_var, 0, L, t0, p.C_vec, Cn);
+    const BE* st = stage + (c & 1) * 2 * N * kChunk;
+    if constexpr (kStage) {
+      if (c + 1 < n_chunks) stage_bc_rows<BE, kChunk>(stage + ((c + 1) & 1) * 2 * N * kChunk, Bb, Cb, N, L,
+                                                      (c + 1) * kChunk, p.B_vec, p.C_vec);
+      cp_async_commit();
+      cp_async_wait<1>();  // this chunk's rows have landed (for this thread's copies) ...
+      __syncthreads();     // ... and for everyone's
+    }
+    alignas(16) BE Bn[kT], Cn[kT];
+    if constexpr (!kStage) {
+      fetch_bc<BE, kT>(Bb, p.B_var, 0, L, t0, p.B_vec, Bn);
+      fetch_bc<BE, kT>(Cb, p.C_var, 0, L, t0, p.C_vec, Cn);
+    }
 #pragma unroll 1
     for (int n = 0; n < N; ++n) {
       float Bv[kT], Cv[kT];
+      if constexpr (kStage) {
+        const uint4* sb = reinterpret_cast<const uint4*>(st + n * kChunk + lane * kT);
+        const uint4* sc = reinterpret_cast<const uint4*>(st + (N + n) * kChunk + lane * kT);
+#pragma unroll
+        for (int j = 0; j < kT * (int)sizeof(BE) / 16; ++j) {
+          reinterpret_cast<uint4*>(Bn)[j] = sb[j];
+          reinterpret_cast<uint4*>(Cn)[j] = sc[j];
+        }
+      }
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
         Bv[i] = to_float(Bn[i]);
         Cv[i] = to_float(Cn[i]);
       }
-      if (n + 1 < N) {  // prefetch the next state's B / C rows
-        fetch_bc<BE>(Bb, p.B_var, n + 1, L, t0, p.B_vec, Bn);
-        fetch_bc<BE>(Cb, p.C_var, n + 1, L, t0, p.C_vec, Cn);
+      if constexpr (!kStage) {
+        if (n + 1 < N) {  // prefetch the next state's B / C rows
+          fetch_bc<BE, kT>(Bb, p.B_var, n + 1, L, t0, p.B_vec, Bn);
+          fetch_bc<BE, kT>(Cb, p.C_var, n + 1, L, t0, p.C_vec, Cn);
+        }
       }
       const float a2 = A[n] * kLog2e;
-      float h0l[kT], cp[kT];
-      float h = 0.f, pr = 1.f;
+      // pass 1: the lane's map h -> P*h + S
+      float dA[kT], dBu[kT];
+      float S = 0.f;
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
-        const float dA = exp2f(dl[i] * a2);
-        pr *= dA;
-        h = fmaf(dA, h, du[i] * Bv[i]);
-        h0l[i] = h;
-        cp[i] = pr;
+        dA[i] = exp2f(dl[i] * a2);
+        dBu[i] = du[i] * Bv[i];
+        S = fmaf(dA[i], S, dBu[i]);
       }
-      float P = pr, S = h;
+      float P = exp2f(a2 * dsum);
       warp_scan_fwd(P, S, lane);
       const float cin = carry[n];
       const float hend = fmaf(P, cin, S);
       float hin = __shfl_up_sync(kFullMask, hend, 1);
       if (lane == 0) hin = cin;
+      // pass 2: the states from the lane's true incoming state, read out through C
+      float h = hin;
 #pragma unroll
-      for (int i = 0; i < kT; ++i) y[i] = fmaf(fmaf(cp[i], hin, h0l[i]), Cv[i], y[i]);
-      const float cnew = __shfl_sync(kFullMask, hend, 31);
-      if (lane == 0) {
-        if (cs) cs[n] = cin;
-        carry[n] = cnew;
+      for (int i = 0; i < kT; ++i) {
+        h = fmaf(dA[i], h, dBu[i]);
+        y[i] = fmaf(h, Cv[i], y[i]);
       }
+      const float cnew = __shfl_sync(kFullMask, hend, 31);
+      if (cs) {
+#pragma unroll
+        for (int j = 1; j < kSavesPerChunk; ++j) {
+          const float v = __shfl_sync(kFullMask, hend, j * kLanesPerSave - 1);
+          if (lane == 0 && c * kSavesPerChunk + j < p.n_save) cs[j * N + n] = v;
+        }
+        if (lane == 0) cs[n] = cin;
+      }
+      if (lane == 0) carry[n] = cnew;
     }
     __syncwarp();
+    if constexpr (kStage) __syncthreads();  // everyone is done with this stage before it is refilled
 
-    float zv[kT];
-    if (zr) load_run_f<E, kT>(zr, t0, L, p.in_vec, zv);
 #pragma unroll
     for (int i = 0; i < kT; ++i) {
       float o = fmaf(Dv, uv[i], y[i]);
@@ -135,8 +192,9 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p) {
     for (int n = lane; n < N; n += 32) p.final_state[bd * N + n] = carry[n];
 }
 
-template <typename E, typename BE>
-__global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
+// kMinBlocks = 2 caps registers at 128 (some spills) for twice the resident warps.
+template <typename E, typename BE, int kMinBlocks, bool kStage>
+__global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanParams p) {
   constexpr int kT = kScanItems;
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
@@ -146,12 +204,14 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
   const int bi = blockIdx.y;
   const int L = p.seqlen, N = p.dstate;
   const bool red = p.B_var || p.C_var;  // block-level reduction of variable dB / dC
-  // shared: [nwarps][N] reverse carry, [nwarps][N] x3 per-channel sums, [2][nwarps][kScanChunk] exchange
+  // shared: [nwarps][N] reverse carry, [nwarps][N] x3 per-channel sums,
+  // then (16-byte aligned) [2 buffers][2 (B, C)][nwarps][kScanChunk] exchange for dB / dC
   float* carry = smem + warp * N;
   float* accA = smem + nwarps * N + warp * N;
   float* accB = smem + 2 * nwarps * N + warp * N;
   float* accC = smem + 3 * nwarps * N + warp * N;
-  float* xch = smem + ((4 * nwarps * N + 3) & ~3);  // [2][nwarps][kScanChunk], 16-byte aligned
+  float* xch0 = smem + ((4 * nwarps * N + 3) & ~3);
+  BE* stage = reinterpret_cast<BE*>(xch0 + 4 * nwarps * kScanChunk);  // [2][2][N][kScanChunk] when kStage
 
   const long bd = (long)bi * p.dim + ch;
   const long row = bd * L;
@@ -180,9 +240,23 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
   const float Dv = p.D ? p.D[ch] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[ch] : 0.f;
   float dD_acc = 0.f, dbias_acc = 0.f;
+  int buf = 0;
+  if constexpr (kStage) {
+    stage_bc_rows<BE, kScanChunk>(stage + ((p.n_save - 1) & 1) * 2 * N * kScanChunk, Bb, Cb, N, L,
+                                  (p.n_save - 1) * kScanChunk, p.B_vec, p.C_vec);
+    cp_async_commit();
+  }
 
-  for (int c = p.n_chunks - 1; c >= 0; --c) {
+  for (int c = p.n_save - 1; c >= 0; --c) {
     const int t0 = c * kScanChunk + lane * kT;
+    const BE* st = stage + (c & 1) * 2 * N * kScanChunk;
+    if constexpr (kStage) {
+      if (c > 0) stage_bc_rows<BE, kScanChunk>(stage + ((c - 1) & 1) * 2 * N * kScanChunk, Bb, Cb, N, L,
+                                               (c - 1) * kScanChunk, p.B_vec, p.C_vec);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+    }
     float uv[kT], dl[kT], spg[kT], dy[kT], gz[kT], dua[kT], dda[kT], y[kT];
     {
       float dr[kT], dov[kT];
@@ -211,56 +285,69 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
         y[i] = 0.f;
       }
     }
-    const float* cs = p.chunk_states + (bd * p.n_chunks + c) * N;
+    const float* cs = p.chunk_states + (bd * p.n_save + c) * N;
+    float dsum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kT; ++i) dsum += dl[i];
 
+    alignas(16) BE Bn[kT], Cn[kT];
+    if constexpr (!kStage) {
+      fetch_bc<BE, kT>(Bb, p.B_var, 0, L, t0, p.B_vec, Bn);
+      fetch_bc<BE, kT>(Cb, p.C_var, 0, L, t0, p.C_vec, Cn);
+    }
 #pragma unroll 1
     for (int n = 0; n < N; ++n) {
       float Bv[kT], Cv[kT];
-      {
-        BE Br[kT], Cr[kT];
-        fetch_bc<BE>(Bb, p.B_var, n, L, t0, p.B_vec, Br);
-        fetch_bc<BE>(Cb, p.C_var, n, L, t0, p.C_vec, Cr);
+      if constexpr (kStage) {
+        const uint4* sb = reinterpret_cast<const uint4*>(st + n * kScanChunk + lane * kT);
+        const uint4* sc = reinterpret_cast<const uint4*>(st + (N + n) * kScanChunk + lane * kT);
 #pragma unroll
-        for (int i = 0; i < kT; ++i) {
-          Bv[i] = to_float(Br[i]);
-          Cv[i] = to_float(Cr[i]);
+        for (int j = 0; j < kT * (int)sizeof(BE) / 16; ++j) {
+          reinterpret_cast<uint4*>(Bn)[j] = sb[j];
+          reinterpret_cast<uint4*>(Cn)[j] = sc[j];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kT; ++i) {
+        Bv[i] = to_float(Bn[i]);
+        Cv[i] = to_float(Cn[i]);
+      }
+      if constexpr (!kStage) {
+        if (n + 1 < N) {  // prefetch the next state's B / C rows
+          fetch_bc<BE, kT>(Bb, p.B_var, n + 1, L, t0, p.B_vec, Bn);
+          fetch_bc<BE, kT>(Cb, p.C_var, n + 1, L, t0, p.C_vec, Cn);
         }
       }
       const float a = A[n];
       const float a2 = a * kLog2e;
       // forward re-computation of this chunk's states
-      float dA[kT], hv[kT], cp[kT];
-      float h = 0.f, pr = 1.f;
+      float dA[kT], hv[kT];
+      float h = 0.f;
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
         dA[i] = exp2f(dl[i] * a2);
-        pr *= dA[i];
-        h = fmaf(dA[i], h, dl[i] * uv[i] * Bv[i]);
-        hv[i] = h;
-        cp[i] = pr;
+        hv[i] = dl[i] * uv[i] * Bv[i];  // dBu for now
+        h = fmaf(dA[i], h, hv[i]);
       }
-      float P = pr, S = h;
+      const float Pl = exp2f(a2 * dsum);  // the lane's total decay (also the reverse scan's)
+      float P = Pl, S = h;
       warp_scan_fwd(P, S, lane);
       const float hstart = cs[n];
       const float hend = fmaf(P, hstart, S);
       float hin = __shfl_up_sync(kFullMask, hend, 1);
       if (lane == 0) hin = hstart;
+      h = hin;
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
-        hv[i] = fmaf(cp[i], hin, hv[i]);
-        y[i] = fmaf(hv[i], Cv[i], y[i]);
+        h = fmaf(dA[i], h, hv[i]);
+        hv[i] = h;
+        y[i] = fmaf(h, Cv[i], y[i]);
       }
       // reverse recurrence, lane-local from zero
-      float Q0[kT], rp[kT];
-      float q = 0.f, r = 1.f;
+      float q = 0.f;
 #pragma unroll
-      for (int i = kT - 1; i >= 0; --i) {
-        q = dA[i] * fmaf(dy[i], Cv[i], q);
-        r *= dA[i];
-        Q0[i] = q;
-        rp[i] = r;
-      }
-      P = r;
+      for (int i = kT - 1; i >= 0; --i) q = dA[i] * fmaf(dy[i], Cv[i], q);
+      P = Pl;
       S = q;
       warp_scan_rev(P, S, lane);
       const float cq = carry[n];
@@ -269,12 +356,12 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
       if (lane == 31) qin = cq;
 
       float gA = 0.f, gB = 0.f, gC = 0.f;
-      float qnext = qin;
       float vB[kT], vC[kT];
+      float qnext = qin;  // Q_{t+1}
 #pragma unroll
       for (int i = kT - 1; i >= 0; --i) {
-        const float Q = fmaf(rp[i], qin, Q0[i]);
-        const float G = fmaf(dy[i], Cv[i], qnext);
+        const float G = fmaf(dy[i], Cv[i], qnext);  // dL/dh_t
+        const float Q = dA[i] * G;                   // reaches h_{t-1} through step t
         const float hprev = (i == 0) ? hin : hv[i - 1];
         const float Qh = Q * hprev;
         dda[i] = fmaf(G * uv[i], Bv[i], fmaf(Qh, a, dda[i]));
@@ -282,19 +369,9 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
         gA = fmaf(Qh, dl[i], gA);
         vB[i] = G * dl[i] * uv[i];
         vC[i] = dy[i] * hv[i];
-        gB += vB[i];
-        gC += vC[i];
+        if (!p.B_var) gB += vB[i];
+        if (!p.C_var) gC += vC[i];
         qnext = Q;
-      }
-      if (p.B_var) {
-        float4* xB = reinterpret_cast<float4*>(xch + (0 * nwarps + warp) * kScanChunk + lane * kT);
-#pragma unroll
-        for (int j = 0; j < kT / 4; ++j) xB[j] = make_float4(vB[4 * j], vB[4 * j + 1], vB[4 * j + 2], vB[4 * j + 3]);
-      }
-      if (p.C_var) {
-        float4* xC = reinterpret_cast<float4*>(xch + (1 * nwarps + warp) * kScanChunk + lane * kT);
-#pragma unroll
-        for (int j = 0; j < kT / 4; ++j) xC[j] = make_float4(vC[4 * j], vC[4 * j + 1], vC[4 * j + 2], vC[4 * j + 3]);
       }
       const float cqnew = __shfl_sync(kFullMask, qs, 0);
       gA = warp_sum(gA);
@@ -307,32 +384,44 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
         if (!p.C_var) accC[n] += gC;
       }
       if (red) {
+        // double-buffered exchange: one barrier per state index
+        float* xch = xch0 + buf * (2 * nwarps * kScanChunk);
+        buf ^= 1;
+        if (p.B_var) {
+          float4* xB = reinterpret_cast<float4*>(xch + warp * kScanChunk + lane * kT);
+#pragma unroll
+          for (int j = 0; j < kT / 4; ++j) xB[j] = make_float4(vB[4 * j], vB[4 * j + 1], vB[4 * j + 2], vB[4 * j + 3]);
+        }
+        if (p.C_var) {
+          float4* xC = reinterpret_cast<float4*>(xch + (nwarps + warp) * kScanChunk + lane * kT);
+#pragma unroll
+          for (int j = 0; j < kT / 4; ++j) xC[j] = make_float4(vC[4 * j], vC[4 * j + 1], vC[4 * j + 2], vC[4 * j + 3]);
+        }
         __syncthreads();
         // sum the block's channels, 4 consecutive positions per thread, one vector atomic each
         for (int q4 = threadIdx.x; q4 < 2 * kScanChunk / 4; q4 += blockDim.x) {
           const int which = (q4 * 4) / kScanChunk;  // 0: B, 1: C
           const int pos = (q4 * 4) % kScanChunk;
           if (which == 0 ? !p.B_var : !p.C_var) continue;
-          float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+          float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
           for (int w = 0; w < nwarps; ++w) {
             const float4 v = *reinterpret_cast<const float4*>(xch + (which * nwarps + w) * kScanChunk + pos);
-            s.x += v.x;
-            s.y += v.y;
-            s.z += v.z;
-            s.w += v.w;
+            s4.x += v.x;
+            s4.y += v.y;
+            s4.z += v.z;
+            s4.w += v.w;
           }
           float* dst = (which == 0 ? p.dB + (Bg + n) * (long)p.Lpad : p.dC + (Cg + n) * (long)p.Lpad) +
                        c * kScanChunk + pos;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-          atomicAdd(reinterpret_cast<float4*>(dst), s);
+          atomicAdd(reinterpret_cast<float4*>(dst), s4);
 #else
-          atomicAdd(dst + 0, s.x);
-          atomicAdd(dst + 1, s.y);
-          atomicAdd(dst + 2, s.z);
-          atomicAdd(dst + 3, s.w);
+          atomicAdd(dst + 0, s4.x);
+          atomicAdd(dst + 1, s4.y);
+          atomicAdd(dst + 2, s4.z);
+          atomicAdd(dst + 3, s4.w);
 #endif
         }
-        __syncthreads();
       }
     }
     __syncwarp();
@@ -348,6 +437,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
     store_run_f<E, kT>(du_o, t0, L, p.in_vec, dua);
     store_run_f<E, kT>(ddelta_o, t0, L, p.in_vec, ddr);
     if (zr) store_run_f<E, kT>(dz_o, t0, L, p.in_vec, dzv);
+    if constexpr (kStage) __syncthreads();  // everyone is done with this stage before it is refilled
   }
   __syncwarp();
   for (int n = lane; n < N; n += 32) {
@@ -364,31 +454,72 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanParams p) {
   }
 }
 
-inline int scan_warps_per_block(const ScanParams& p) {
+inline int scan_warps_per_block(const ScanParams& p, int want) {
   // the channels of one block must share their B / C group (the backward sums dB / dC over them)
-  for (int w : {4, 2}) {
+  for (int w = want; w >= 2; w >>= 1) {
     if (p.dim % w == 0 && (!p.B_var || p.B_cpg % w == 0) && (!p.C_var || p.C_cpg % w == 0)) return w;
   }
   return 1;
 }
 
+// Staging B / C in shared memory needs both variable and a small state (<= 64 KB of stages).
+template <typename BE>
+inline bool scan_can_stage(const ScanParams& p, int chunk) {
+  return p.B_var && p.C_var && 2 * 2 * (size_t)p.dstate * chunk * sizeof(BE) <= 64 * 1024;
+}
+
+template <typename K>
+inline void scan_smem_attr(K kernel, size_t sm) {
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+}
+
+template <typename E, typename BE, int kT, int kMinBlocks>
+void scan_fwd_go(ScanParams& p, cudaStream_t s) {
+  const int nw = scan_warps_per_block(p, 4);
+  dim3 grid(p.dim / nw, p.batch);
+  const size_t base = sizeof(float) * ((nw * p.dstate + 3) & ~3);
+  if (scan_can_stage<BE>(p, 32 * kT)) {
+    const size_t sm = base + 2 * 2 * (size_t)p.dstate * 32 * kT * sizeof(BE);
+    scan_smem_attr(scan_fwd_kernel<E, BE, kT, kMinBlocks, true>, sm);
+    scan_fwd_kernel<E, BE, kT, kMinBlocks, true><<<grid, nw * 32, sm, s>>>(p);
+  } else {
+    scan_fwd_kernel<E, BE, kT, kMinBlocks, false><<<grid, nw * 32, base, s>>>(p);
+  }
+}
+
+// Tuning variants (items / min_blocks) are compiled for the hot case only: 16-bit inputs with B / C
+// in the same dtype. Everything else runs the default (8 items, no register cap).
 template <typename E, typename BE>
 void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
-  const int nw = scan_warps_per_block(p);
-  dim3 grid((p.dim + nw - 1) / nw, p.batch);
-  const size_t sm = sizeof(float) * nw * p.dstate;
-  scan_fwd_kernel<E, BE><<<grid, nw * 32, sm, s>>>(p);
+  if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
+    if (p.items == 16) return scan_fwd_go<E, BE, 16, 1>(p, s);
+    if (p.fwd_min_blocks == 5) return scan_fwd_go<E, BE, 8, 5>(p, s);
+  }
+  p.items = 8;
+  scan_fwd_go<E, BE, 8, 1>(p, s);
+}
+
+template <typename E, typename BE, int kMinBlocks>
+void scan_bwd_go(ScanParams& p, cudaStream_t s) {
+  const int nw = scan_warps_per_block(p, p.bwd_warps == 8 ? 8 : 4);
+  dim3 grid(p.dim / nw, p.batch);
+  const size_t base = sizeof(float) * (((4 * nw * p.dstate + 3) & ~3) + 4 * nw * kScanChunk);
+  if (scan_can_stage<BE>(p, kScanChunk)) {
+    const size_t sm = base + 2 * 2 * (size_t)p.dstate * kScanChunk * sizeof(BE);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true>, sm);
+    scan_bwd_kernel<E, BE, kMinBlocks, true><<<grid, nw * 32, sm, s>>>(p);
+  } else {
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, false>, base);
+    scan_bwd_kernel<E, BE, kMinBlocks, false><<<grid, nw * 32, base, s>>>(p);
+  }
 }
 
 template <typename E, typename BE>
 void scan_bwd_launch(ScanParams& p, cudaStream_t s) {
-  const int nw = scan_warps_per_block(p);
-  dim3 grid(p.dim / nw, p.batch);
-  const size_t sm = sizeof(float) * (((4 * nw * p.dstate + 3) & ~3) + 2 * nw * kScanChunk);
-  if (sm > 48 * 1024) {
-    cudaFuncSetAttribute(scan_bwd_kernel<E, BE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
+    if (p.bwd_min_blocks == 2) return scan_bwd_go<E, BE, 2>(p, s);
   }
-  scan_bwd_kernel<E, BE><<<grid, nw * 32, sm, s>>>(p);
+  scan_bwd_go<E, BE, 1>(p, s);
 }
 
 }  // namespace mambabyte

@@ -55,7 +55,10 @@ def _ext_ok():
 def make_scan(b, d, L, n, dtype, bc="var", g=1, z=True, D=True, bias=True, h0=True, bc_dtype=None):
     bc_dtype = bc_dtype or dtype
     u = torch.randn(b, d, L, device=DEV).to(dtype)
-    delta = (0.5 * torch.randn(b, d, L, device=DEV) - 1.0).to(dtype)
+    if bias:  # goes through softplus: any sign
+        delta = (0.5 * torch.randn(b, d, L, device=DEV) - 1.0).to(dtype)
+    else:  # used as is: keep the step sizes positive so exp(delta * A) decays
+        delta = (0.05 + 0.3 * torch.rand(b, d, L, device=DEV)).to(dtype)
     A = -torch.exp(0.5 * torch.randn(d, n, device=DEV))
     if bc == "fixed":
         B = torch.randn(d, n, device=DEV).to(bc_dtype)
@@ -368,3 +371,44 @@ def test_mamba_decode_step(dtype, poison):
         assert rel(y, yr) < (1e-4 if dtype == torch.float32 else 3e-2)
         x = torch.randn(b, d, device=DEV).to(dtype)
     assert rel(ss, ss_r) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+# ------------------------------------------------------------------ tuning variants
+
+VARIANTS = [
+    dict(items=8, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=1),
+    dict(items=8, fwd_min_blocks=5, bwd_warps=8, bwd_min_blocks=2),
+    dict(items=16, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=1),
+    dict(items=16, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "i{items}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}".format(**v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_scan_variants(variant, dtype, poison, monkeypatch):
+    """Every compiled kernel variant: forward, resume across an odd cut, and all gradients."""
+    _ext_ok()
+    for k, v in variant.items():
+        monkeypatch.setitem(CB.TUNING, k, v)
+    b, d, L, n = 2, 16, 1100, 16
+    kw = make_scan(b, d, L, n, dtype, "var")
+    out, fin = run_cuda(kw)
+    ro, rf = run_ref64(kw)
+    assert rel(out, ro) < TOL[dtype] and rel(fin, rf) < 2e-3
+    cut = 517
+    o1, f1 = run_cuda(_slice(kw, 0, cut, L))
+    part = _slice(kw, cut, L, L)
+    part["initial_state"] = f1
+    o2, f2 = run_cuda(part)
+    assert rel(torch.cat([o1, o2], -1), out) < 1e-2 and rel(f2, fin) < 1e-5
+    leaves = {k: kw[k].detach().clone().requires_grad_(True) for k in NAMES if kw[k] is not None}
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    dout = torch.randn(b, d, L, device=DEV).to(dtype)
+    dfin = torch.randn(b, d, n, device=DEV)
+    out, fin = run_cuda(dict(kw, **leaves))
+    ((out.float() * dout.float()).sum() + (fin * dfin).sum()).backward()
+    ro, rf = R.selective_scan_ref(**dict({k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}, **leaves64), return_final_state=True)
+    ((ro * dout.double()).sum() + (rf * dfin.double()).sum()).backward()
+    for k in leaves:
+        err = rel(leaves[k].grad, leaves64[k].grad)
+        assert err < GRAD_TOL[dtype], f"d{k}: rel err {err:.2e}"

@@ -40,6 +40,17 @@ __all__ = [
 ]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+# Scan kernel variants (benchmarks/bench_scan.py times them; the defaults are the measured best on
+# an H100). items: time steps per thread in the forward (8 or 16); fwd_min_blocks: 1, or 5 to cap
+# registers for more resident warps; bwd_warps: channels per block in the backward (4 or 8);
+# bwd_min_blocks: 1, or 2 to cap the backward's registers at 128.
+TUNING = {
+    "items": int(os.environ.get("MAMBABYTE_SCAN_ITEMS", "8")),
+    "fwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_FWD_MIN_BLOCKS", "1")),
+    "bwd_warps": int(os.environ.get("MAMBABYTE_SCAN_BWD_WARPS", "4")),
+    "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "1")),
+}
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
 _LOCK = threading.Lock()
@@ -152,7 +163,10 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-        out, fin, cs = _ext().scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True)
+        out, fin, cs = _ext().scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True,
+            TUNING["items"], TUNING["fwd_min_blocks"],
+        )
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = initial_state is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, cs)
@@ -167,7 +181,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         dout = dout.to(u.dtype).contiguous()
         dfin = None if dfin is None else dfin.to(torch.float32).contiguous()
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _ext().scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, cs, dout, dfin
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, cs, dout, dfin,
+            TUNING["bwd_warps"], TUNING["bwd_min_blocks"],
         )
         return (
             du,
@@ -232,7 +247,9 @@ def selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     if needs_grad:
         out, fin = _SelectiveScanFn.apply(*args, bool(delta_softplus))
     else:
-        out, fin, _ = _ext().scan_fwd(*args[:8], bool(delta_softplus), args[8], False)
+        out, fin, _ = _ext().scan_fwd(
+            *args[:8], bool(delta_softplus), args[8], False, TUNING["items"], TUNING["fwd_min_blocks"]
+        )
     out = out.to(u.dtype)
     return (out, fin) if return_final_state else out
 
