@@ -1,0 +1,352 @@
+"""Speculative decoding with a byte-level drafter: draft k bytes cheaply, verify them with ONE resumed
+scan of the target, roll back exactly.
+
+Shapes: V = 256, k = draft length. One sequence at a time (a batch is decoded row after row).
+
+Per verification (the target state ``S`` has consumed everything but the pending byte ``c``, the last
+byte emitted; the drafter's state is at the same point):
+
+1. Draft: the drafter steps ``c`` and then its own samples, ``x_j ~ q_j`` for j < k, keeping a snapshot
+   of its state after each step (its states are small).
+2. Verify: ``target([c, x_0 .. x_{k-1}], state=S)`` -- one call of the resumable scan -- gives the target's
+   distributions ``p_0 .. p_k`` (the same temperature / top-k / top-p / min-p transform is applied to p
+   and q).
+3. Accept ``x_j`` with probability ``min(1, p_j(x_j) / q_j(x_j))``, left to right; at the first rejection
+   draw the replacement from ``norm(max(0, p_j - q_j))``; if all k pass, draw a bonus byte from ``p_k``.
+   This is the standard speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): every
+   emitted byte is distributed exactly as the target's. At temperature 0 p and q are one-hot, so a draft
+   is accepted iff it equals the target's argmax and the replacement is that argmax: the output is the
+   target's greedy output byte for byte.
+4. Roll back: if all k were accepted the verification's final state is kept; otherwise ``S`` (never
+   modified: ``model(...)`` returns a new state) is resumed over ``[c, x_0 .. x_{a-1}]`` only. The drafter
+   restores the snapshot after its a-th step. The prompt is never re-run.
+
+The bytes a verification emits are ``x_0 .. x_{a-1}, y``; ``y`` becomes the next pending byte. At the end
+(length or a stop string) the state is brought to exactly ``prompt + returned bytes``.
+
+``adaptive=True`` changes k between verifications: +1 after a full acceptance (up to 4 x the initial k,
+at most 64), down to ``max(1, a + 1)`` when fewer than half the drafts were accepted.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import MambaByteError
+from ..state import MambaState
+from .cuda_graph import get_step_runner
+from .decode import forward_chunked, prefill
+from .sampling import SamplingParams, logits_to_probs, sample_from_probs
+from .text import StopMatcher, Utf8Stream
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SpeculativeStats:
+    draft_len: int = 0
+    verifications: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    rollback_s: float = 0.0
+    other_s: float = 0.0
+    draft_len_history: List[int] = field(default_factory=list)
+    accepted_history: List[int] = field(default_factory=list)
+
+    def to_dict(self):
+        tot = self.draft_s + self.verify_s + self.rollback_s + self.other_s
+        return {
+            "draft_len": self.draft_len,
+            "verifications": self.verifications,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "emitted": self.emitted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "mean_accepted": self.accepted / self.verifications if self.verifications else 0.0,
+            "bytes_per_verification": self.emitted / self.verifications if self.verifications else 0.0,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s + self.rollback_s,
+            "rollback_s": self.rollback_s,
+            "draft_share": self.draft_s / tot if tot else 0.0,
+            "verify_share": (self.verify_s + self.rollback_s) / tot if tot else 0.0,
+            "mean_draft_len": (sum(self.draft_len_history) / len(self.draft_len_history)) if self.draft_len_history else 0.0,
+            "accepted_histogram": {str(a): self.accepted_history.count(a) for a in sorted(set(self.accepted_history))},
+        }
+
+    def merge(self, other: "SpeculativeStats") -> None:
+        for k in ("verifications", "drafted", "accepted", "emitted", "draft_s", "verify_s", "rollback_s", "other_s"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.draft_len_history += other.draft_len_history
+        self.accepted_history += other.accepted_history
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def speculative_accept(p: Tensor, q: Tensor, x: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[int, int]:
+    """The acceptance rule. p (k+1, V) target probs, q (k, V) drafter probs, x (k,) drafted bytes.
+
+    Returns (a, y): the number of accepted drafts and the byte emitted after them (the replacement drawn
+    from norm(max(0, p_a - q_a)) if a < k, else a draw from p_k). One host sync.
+    """
+    k = x.shape[0]
+    if k:
+        idx = torch.arange(k, device=x.device)
+        px, qx = p[idx, x], q[idx, x]
+        u = torch.rand(k, device=x.device, generator=generator)
+        ok = (u * qx < px).tolist()
+        a = next((j for j, o in enumerate(ok) if not o), k)
+    else:
+        a = 0
+    if a < k:
+        resid = (p[a] - q[a]).clamp_min(0)
+        s = resid.sum()
+        # s == 0 only when p_a <= q_a everywhere, i.e. p_a == q_a: then a rejection cannot happen
+        dist = torch.where(s > 0, resid / s.clamp_min(1e-30), p[a])
+    else:
+        dist = p[k]
+    y = int(sample_from_probs(dist.unsqueeze(0), generator)[0])
+    return a, y
+
+
+def _probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    return logits_to_probs(logits.float(), params)
+
+
+@torch.no_grad()
+def speculative_decode(
+    target,
+    drafter,
+    state: MambaState,
+    logits: Tensor,
+    draft_state: MambaState,
+    draft_logits: Tensor,
+    max_new_bytes: int,
+    params: SamplingParams,
+    draft_len: int = 4,
+    adaptive: bool = False,
+    generator: Optional[torch.Generator] = None,
+    stops: Sequence[bytes] = (),
+    include_stop: bool = False,
+    stream: Optional[Callable[[str], None]] = None,
+    use_cuda_graph: bool = True,
+):
+    """One sequence: (state (1 row), logits (1, V)) of the target and the drafter after the prompt ->
+    (bytes, final target state, final target logits (1, V), stop reason, SpeculativeStats)."""
+    dev = target.device
+    n = int(max_new_bytes)
+    k0 = max(0, int(draft_len))
+    k_max = min(64, max(1, 4 * k0))
+    k = k0
+    st = SpeculativeStats(draft_len=k0)
+    matcher = StopMatcher(stops)
+    utf8 = Utf8Stream() if stream is not None else None
+    runner = get_step_runner(drafter, 1, use_cuda_graph)
+    runner.load(draft_state)
+    out = bytearray()
+    S = state  # consumed: prompt + out[:pos_S]; the pending byte out[pos_S] (if any) is not consumed
+    pos_S = 0
+    pend: Optional[int] = None
+    P_first = logits  # target logits at S when there is no pending byte
+    Q_first = draft_logits
+    snaps: collections.deque = collections.deque([(0, S, logits)])  # (pos, state, logits at state or None)
+    final_len: Optional[int] = None
+    reason = "length"
+    while len(out) < n:
+        t0 = time.perf_counter()
+        remaining = n - len(out)
+        kk = min(k, remaining - 1)
+        # -- draft ----------------------------------------------------------------------------------
+        d_snaps: List[MambaState] = []
+        qs: List[Tensor] = []
+        xs: List[Tensor] = []
+        if pend is not None:
+            qlog = runner(torch.tensor([pend], device=dev))
+        else:
+            qlog = Q_first
+        for j in range(kk):
+            d_snaps.append(runner.state.clone())  # drafter after [pend, x_0 .. x_{j-1}]
+            q = _probs(qlog, params)[0]
+            x = sample_from_probs(q.unsqueeze(0), generator)
+            qs.append(q)
+            xs.append(x)
+            if j + 1 < kk:
+                qlog = runner(x)
+        _sync(dev)
+        t1 = time.perf_counter()
+        # -- verify: one resumed scan ------------------------------------------------------------------
+        x_all = torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=dev)
+        ids = torch.cat([torch.tensor([pend], device=dev), x_all]) if pend is not None else x_all
+        if ids.numel():
+            vout = target(ids.unsqueeze(0), state=S, return_state=True)
+            vlog = vout.logits[0].float()
+            plog = vlog if pend is not None else torch.cat([P_first.float(), vlog], 0)
+        else:
+            vout = None
+            plog = P_first.float()
+        p = _probs(plog, params)  # (kk + 1, V)
+        q_all = torch.stack(qs) if qs else torch.zeros(0, p.shape[-1], device=dev)
+        a, y = speculative_accept(p, q_all, x_all, generator)
+        t2 = time.perf_counter()
+        # -- roll back / advance ------------------------------------------------------------------------
+        accepted = x_all[:a].tolist()
+        new = accepted + [y]
+        if a == kk and vout is not None:
+            S = vout.state  # consumed [pend, x_0 .. x_{kk-1}]
+        elif ids.numel() and (a + (1 if pend is not None else 0)) > 0:
+            keep_ids = ids[: a + (1 if pend is not None else 0)]
+            S = target(keep_ids.unsqueeze(0), state=S, return_state=True).state
+        # else: nothing consumed (no pending byte, first draft rejected): S unchanged
+        pos_S = len(out) + a  # everything before y
+        p_at_y = plog[a : a + 1]  # target logits at S (the distribution y was drawn from)
+        if kk > 0:
+            if a < kk:
+                runner.load(d_snaps[a])
+            elif a == kk:
+                runner(x_all[kk - 1 : kk])  # the drafter had not consumed the last draft yet
+        out.extend(new)
+        pend = y
+        P_first = Q_first = None
+        t3 = time.perf_counter()
+        st.verifications += 1
+        st.drafted += kk
+        st.accepted += a
+        st.emitted += len(new)
+        st.draft_s += t1 - t0
+        st.verify_s += t2 - t1
+        st.rollback_s += t3 - t2
+        st.draft_len_history.append(kk)
+        st.accepted_history.append(a)
+        if matcher:
+            snaps.append((pos_S, S, p_at_y))
+            while len(snaps) >= 2 and snaps[1][0] <= pos_S - matcher.max_len:
+                snaps.popleft()
+        else:
+            snaps = collections.deque([(pos_S, S, p_at_y)])
+        if adaptive and kk > 0:
+            if a == kk:
+                k = min(k_max, k + 1)
+            elif a < kk / 2:
+                k = max(1, a + 1)
+        # -- stops and streaming ---------------------------------------------------------------------------
+        old = len(out) - len(new)
+        m = matcher.find(bytes(out), old) if matcher else None
+        if m is not None:
+            final_len = m[1] if include_stop else m[0]
+            reason = "stop"
+        if utf8 is not None:
+            if final_len is not None:
+                upto = final_len
+            elif len(out) >= n:
+                upto = n
+            else:
+                upto = len(out) - (matcher.holdback(bytes(out)) if matcher else 0)
+            text = utf8.feed(bytes(out[utf8.released : max(upto, utf8.released)]))
+            if final_len is not None or len(out) >= n:
+                text += utf8.finish()
+            if text:
+                stream(text)
+        if final_len is not None:
+            break
+    keep = final_len if final_len is not None else min(len(out), n)
+    result = bytes(out[:keep])
+    # bring the target to exactly prompt + result: latest snapshot at or before `keep`, resumed
+    pos, S0, L0 = snaps[0]
+    for sp in snaps:
+        if sp[0] <= keep:
+            pos, S0, L0 = sp
+    if keep > pos:
+        ids = torch.tensor([list(result[pos:keep])], device=dev)
+        L, S_fin = forward_chunked(target, ids, S0)
+    else:
+        S_fin, L = S0, L0
+    S_fin = S_fin.clone()
+    S_fin.bytes_consumed = state.bytes_consumed + keep
+    st.other_s = 0.0
+    return result, S_fin, L.float().clone(), reason, st
+
+
+def speculative_generate(
+    model, draft_model, feed, st, lg, max_new_bytes, params: SamplingParams, stops=(), include_stop=False,
+    generator=None, stream=None, draft_len=4, adaptive=False, draft_state=None, stats=None, bos=b"\n",
+    prompts_given=None, use_cuda_graph: bool = True,
+):
+    """``generate(..., draft_model=D)``: prefill the drafter, then decode each sequence speculatively."""
+    from .core import GenerationResult
+
+    if params.uses_penalties:
+        raise MambaByteError("speculative decoding does not support repetition / presence / frequency penalties")
+    if draft_model.config.vocab_size != model.config.vocab_size:
+        raise MambaByteError(
+            f"the drafter's vocabulary ({draft_model.config.vocab_size}) differs from the target's ({model.config.vocab_size})"
+        )
+    if draft_model.device != model.device:
+        raise MambaByteError(f"the drafter is on {draft_model.device} but the model is on {model.device}")
+    if not isinstance(draft_len, int) or draft_len < 0:
+        raise MambaByteError(f"draft_len must be an int >= 0, got {draft_len!r}")
+    dev = model.device
+    was_training = draft_model.training
+    draft_model.eval()
+    n_seq = len(feed)
+    t0 = time.perf_counter()
+    if draft_state is not None:
+        draft_model.check_state(draft_state)
+        ds = draft_state.to(dev, draft_model.allocate_state(1).dtype)
+        ds = ds if ds.batch_size == n_seq else ds.repeat(n_seq) if ds.batch_size == 1 else None
+        if ds is None:
+            raise MambaByteError(f"draft_state holds {draft_state.batch_size} streams; need 1 or {n_seq}")
+        dfeed = list(feed)
+    else:
+        ds = None
+        dfeed = list(feed)
+    # rows without prompt bytes (continuing from given target logits) give the drafter the bos byte
+    dfeed = [p if p else (bos or b"\n") for p in dfeed] if ds is None else dfeed
+    dlogits = None
+    if ds is not None and any(not p for p in dfeed):
+        dfeed = [p if p else (bos or b"\n") for p in dfeed]
+    dl, dst = prefill(draft_model, dfeed, ds, dlogits)
+    _sync(dev)
+    draft_prefill_s = time.perf_counter() - t0
+    seqs, states, logits_out, reasons = [], [], [], []
+    total = SpeculativeStats(draft_len=draft_len)
+    t1 = time.perf_counter()
+    try:
+        for i in range(n_seq):
+            cb = None if stream is None else (lambda text, i=i: stream(i, text))
+            b, s, l, r, sst = speculative_decode(
+                model, draft_model, st.select(i), lg[i : i + 1], dst.select(i), dl[i : i + 1], max_new_bytes, params,
+                draft_len=draft_len, adaptive=adaptive, generator=generator, stops=stops, include_stop=include_stop,
+                stream=cb, use_cuda_graph=use_cuda_graph,
+            )
+            seqs.append(b)
+            states.append(s)
+            logits_out.append(l)
+            reasons.append(r)
+            total.merge(sst)
+    finally:
+        if was_training:
+            draft_model.train()
+    _sync(dev)
+    t2 = time.perf_counter()
+    state = MambaState.cat(states) if len(states) > 1 else states[0]
+    base = st.bytes_consumed - max(len(p) for p in feed)
+    state.bytes_consumed = base + max(len(p) + len(s) for p, s in zip(feed, seqs))
+    stats.decode_s = t2 - t1
+    stats.prefill_s += draft_prefill_s
+    stats.steps = max(len(s) for s in seqs)
+    stats.new_bytes = sum(len(s) for s in seqs)
+    stats.speculative = dict(total.to_dict(), adaptive=adaptive, draft_prefill_s=draft_prefill_s)
+    return GenerationResult(seqs, state, torch.cat(logits_out, 0), stats, reasons, list(prompts_given or feed))
+
+
+__all__ = ["speculative_accept", "speculative_decode", "speculative_generate", "SpeculativeStats"]

@@ -1,0 +1,204 @@
+"""Speculative decoding with a byte drafter (CPU, tiny models): greedy identity with plain greedy for
+several k (rejections at every position), drafter == target accepts everything, the sampling rule
+reproduces the target's distribution (chi-square), exact states after rollback, UTF-8 and stop strings."""
+
+import copy
+
+import pytest
+import torch
+
+from mambabyte import MambaByteLM
+from mambabyte.errors import MambaByteError
+from mambabyte.generation.sampling import SamplingParams, logits_to_probs
+from mambabyte.generation.speculative import speculative_accept, speculative_decode
+from mambabyte.generation.decode import prefill
+
+from test_generation import ScriptedLM, scripted  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared CI)
+    yield
+    torch.set_num_threads(n)
+
+
+def perturbed(model, scale, seed=0):
+    """A drafter that agrees with the target often but not always."""
+    d = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+    return d.eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(1)
+    return MambaByteLM.from_preset("tiny").eval()
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 8])
+def test_greedy_identity_with_plain_greedy(target, k):
+    drafter = perturbed(target, 0.05)
+    prompt = "Speculative"
+    plain = target.generate(prompt, max_new_bytes=40, temperature=0)
+    spec = target.generate(prompt, max_new_bytes=40, temperature=0, draft_model=drafter, draft_len=k)
+    assert spec.bytes == plain.bytes
+    assert spec.state.allclose(plain.state, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(spec.logits, plain.logits, atol=1e-4)
+    assert spec.state.bytes_consumed == plain.state.bytes_consumed
+    sp = spec.stats.speculative
+    assert sp["emitted"] >= 40 and sp["verifications"] >= 40 / (k + 1)
+    assert 0 < sp["acceptance_rate"] < 1 or k == 1
+
+
+def test_rejections_happen_at_every_position(target):
+    hist = {}
+    for seed, scale in ((0, 0.05), (1, 0.1), (2, 0.03)):
+        drafter = perturbed(target, scale, seed)
+        plain = target.generate("every position", max_new_bytes=60, temperature=0)
+        spec = target.generate("every position", max_new_bytes=60, temperature=0, draft_model=drafter, draft_len=4)
+        assert spec.bytes == plain.bytes
+        for a, n in spec.stats.speculative["accepted_histogram"].items():
+            hist[int(a)] = hist.get(int(a), 0) + n
+    assert all(hist.get(a, 0) > 0 for a in range(5)), hist  # rejected at 0..3 and fully accepted
+
+
+def test_adaptive_draft_len_keeps_identity(target):
+    drafter = perturbed(target, 0.03)
+    plain = target.generate("adaptive", max_new_bytes=50, temperature=0)
+    spec = target.generate("adaptive", max_new_bytes=50, temperature=0, draft_model=drafter, draft_len=2,
+                           adaptive_draft=True)
+    assert spec.bytes == plain.bytes
+    assert len(set(spec.stats.speculative["accepted_histogram"])) > 1
+
+
+def test_drafter_equal_to_target_accepts_everything(target):
+    for kw in (dict(temperature=0), dict(temperature=0.8, seed=4), dict(temperature=1.0, top_p=0.9, seed=5)):
+        spec = target.generate("same model", max_new_bytes=30, draft_model=target, draft_len=5, **kw)
+        sp = spec.stats.speculative
+        assert sp["acceptance_rate"] == 1.0 and sp["drafted"] > 0
+        assert len(spec.bytes) == 30
+
+
+def test_state_after_speculative_sampling_equals_plain_state(target):
+    drafter = perturbed(target, 0.1)
+    spec = target.generate("sampled", max_new_bytes=40, temperature=0.9, seed=3, draft_model=drafter, draft_len=4)
+    ref = target(torch.tensor([list(b"sampled" + spec.bytes)]), return_state=True)
+    assert spec.state.allclose(ref.state, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(spec.logits, ref.logits[:, -1], atol=1e-4)
+    # and continuing from it equals continuing after a plain pass over the same bytes
+    a = target.generate("", state=spec.state, logits=spec.logits, max_new_bytes=10, temperature=0)
+    b = target.generate(b"sampled" + spec.bytes, max_new_bytes=10, temperature=0)
+    assert a.bytes == b.bytes
+
+
+def test_batches_are_decoded_row_by_row(target):
+    drafter = perturbed(target, 0.05)
+    prompts = ["one", "a longer prompt"]
+    spec = target.generate(prompts, max_new_bytes=20, temperature=0, draft_model=drafter, draft_len=3)
+    plain = target.generate(prompts, max_new_bytes=20, temperature=0)
+    assert spec.sequences == plain.sequences
+    assert spec.state.allclose(plain.state, rtol=1e-4, atol=1e-5)
+
+
+def test_acceptance_rule_reproduces_target_distribution():
+    """The rule alone, many trials: P(first emitted byte) must equal p_0 (chi-square, p = 0.001)."""
+    g = torch.Generator().manual_seed(0)
+    V = 6
+    p = torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.10, 0.00], [0.2] * 5 + [0.0]])
+    q = torch.tensor([[0.05, 0.05, 0.30, 0.30, 0.20, 0.10]])
+    counts = torch.zeros(V)
+    n = 6000
+    for _ in range(n):
+        x = torch.multinomial(q[0], 1, generator=g)
+        a, y = speculative_accept(p, q, x, g)
+        counts[int(x) if a == 1 else y] += 1
+    exp = p[0] * n
+    assert counts[5] == 0
+    chi2 = (((counts[:5] - exp[:5]) ** 2) / exp[:5]).sum().item()
+    assert chi2 < 18.47, (counts, exp)  # 4 dof
+
+
+def test_speculative_sampling_matches_target_joint_distribution(target):
+    """End to end with a real drafter: the joint distribution of the first two bytes equals the
+    target's (top-3 truncation keeps 9 cells), chi-square at p = 0.001."""
+    drafter = perturbed(target, 0.2, seed=0)  # P(accept first draft) ~ 0.3: residual draws are common
+    params = SamplingParams(temperature=1.0, top_k=3)
+    prompt = b"chi"
+    lg, st = prefill(target, [prompt])
+    dl, dst = prefill(drafter, [prompt])
+    p0 = logits_to_probs(lg, params)[0]
+    joint = {}
+    for b0 in torch.nonzero(p0).flatten().tolist():
+        l1 = target(torch.tensor([list(prompt) + [b0]])).logits[:, -1]
+        p1 = logits_to_probs(l1, params)[0]
+        for b1 in torch.nonzero(p1).flatten().tolist():
+            joint[(b0, b1)] = (p0[b0] * p1[b1]).item()
+    g = torch.Generator().manual_seed(123)
+    n = 500
+    counts = {key: 0 for key in joint}
+    rejected_first = 0
+    for _ in range(n):
+        out, _, _, _, sst = speculative_decode(target, drafter, st, lg, dst, dl, 3, params, draft_len=2, generator=g)
+        counts[(out[0], out[1])] += 1  # a pair outside the support would raise KeyError
+        rejected_first += sst.accepted_history[0] == 0
+    assert 0 < rejected_first < n  # the drafter's proposal was rejected sometimes, accepted sometimes
+    chi2 = sum((counts[c] - n * joint[c]) ** 2 / (n * joint[c]) for c in joint)
+    dof = len(joint) - 1
+    crit = {8: 26.12, 7: 24.32, 6: 22.46, 5: 20.52, 4: 18.47, 3: 16.27}[dof]
+    assert chi2 < crit, (chi2, counts, joint)
+
+
+def test_rollback_inside_multibyte_characters_and_stream():
+    """The drafter diverges in the middle of multi-byte UTF-8 characters; output and stream are exact."""
+    prompt = "» ".encode()
+    t_script = "héllo wörld 😀 — fin".encode()
+    d_script = "héllo wèrld 😃 – fun".encode()
+    target = scripted(prompt, t_script)
+    drafter = scripted(prompt, d_script)
+    torch.manual_seed(8)
+    drafter.load_state_dict(perturbed(drafter, 0.2).state_dict())
+    pieces = []
+    spec = target.generate(prompt, max_new_bytes=len(t_script), temperature=0, draft_model=drafter, draft_len=6,
+                           stream=pieces.append)
+    assert spec.bytes == t_script and pieces and "".join(pieces) == t_script.decode()
+    for piece in pieces:
+        piece.encode("utf-8")  # whole characters only (a split character would be U+FFFD or fail)
+    assert "\ufffd" not in "".join(pieces)
+    hist = spec.stats.speculative["accepted_histogram"]
+    assert any(int(a) < 6 for a in hist)  # rejections happened
+    ref = MambaByteLM.forward(target, torch.tensor([list(prompt + t_script)]), return_state=True)
+    assert spec.state.allclose(ref.state, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_stop_string_across_a_verification(k):
+    prompt = b"Q:"
+    script = "r\u00e9ponse 42.\nQ: ignored text".encode()
+    target = scripted(prompt, script)
+    drafter = scripted(prompt, script)  # perfect drafter: a stop string lands inside one verification
+    pieces = []
+    spec = target.generate(prompt, max_new_bytes=len(script), temperature=0, draft_model=drafter, draft_len=k,
+                           stop="\nQ:", stream=pieces.append)
+    assert spec.bytes == "r\u00e9ponse 42.".encode() and spec.stop_reasons == ["stop"]
+    assert "".join(pieces) == "r\u00e9ponse 42."
+    ref = MambaByteLM.forward(target, torch.tensor([list(prompt + spec.bytes)]), return_state=True)
+    assert spec.state.allclose(ref.state, rtol=1e-4, atol=1e-5)
+    assert spec.state.bytes_consumed == len(prompt) + len(spec.bytes)
+    inc = target.generate(prompt, max_new_bytes=len(script), temperature=0, draft_model=drafter, draft_len=k,
+                          stop="\nQ:", include_stop=True)
+    assert inc.bytes == "r\u00e9ponse 42.\nQ:".encode()
+
+
+def test_speculative_errors(target):
+    with pytest.raises(MambaByteError):
+        target.generate("x", max_new_bytes=4, draft_model=target, repetition_penalty=1.2)
+    with pytest.raises(MambaByteError):
+        target.generate("x", max_new_bytes=4, draft_model=target, draft_len=-1)
+    big = MambaByteLM(target.config.__class__.from_preset("tiny", vocab_size=512))
+    with pytest.raises(MambaByteError):
+        target.generate("x", max_new_bytes=4, draft_model=big)
