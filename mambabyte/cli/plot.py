@@ -30,7 +30,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--layers", nargs="+", type=int, default=None, help="layers to draw (default: up to --max_layers, evenly spaced)")
     p.add_argument("--max_layers", type=int, default=6, help="heatmaps drawn when --layers is not given (default 6)")
     p.add_argument("--window", default=None, metavar="START:END",
-                   help="byte range to show; with <= 160 bytes the prompt's characters label the axis")
+                   help="byte range to show, e.g. 0:120 or --window=-200: (last 200); with <= 160 bytes the prompt's characters label the axis")
     p.add_argument("--key", default=None, help="which tensor key to draw (default: the artefact's main one)")
     p.add_argument("--relative", action="store_true",
                    help="heatmaps show each row minus its mean over the window (variation along the text)")
