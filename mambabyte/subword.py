@@ -237,6 +237,9 @@ def train_subword_drafter(
         if max_time_minutes is not None and time.time() - t0 > 60 * max_time_minutes:
             break
         frac = step / max(1, max_steps)
+        if max_time_minutes:  # the schedule follows whichever budget runs out first
+            frac = max(frac, (time.time() - t0) / (60 * max_time_minutes))
+        frac = min(frac, 1.0)
         cur = lr * min(1.0, (step + 1) / warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur
