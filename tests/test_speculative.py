@@ -30,7 +30,7 @@ def perturbed(model, scale, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in d.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+            p.add_((torch.randn(p.shape, generator=g) * scale).to(p.device) * p.std().clamp_min(1e-3))
     return d.eval()
 
 
@@ -202,3 +202,15 @@ def test_speculative_errors(target):
     big = MambaByteLM(target.config.__class__.from_preset("tiny", vocab_size=512))
     with pytest.raises(MambaByteError):
         target.generate("x", max_new_bytes=4, draft_model=big)
+
+
+@pytest.mark.gpu
+def test_speculative_on_cuda_matches_plain_greedy():
+    torch.manual_seed(1)
+    t = MambaByteLM.from_preset("tiny", device="cuda").eval()
+    d = perturbed(t, 0.05)
+    plain = t.generate("cuda spec", max_new_bytes=48, temperature=0)
+    for graph in (True, False):
+        spec = t.generate("cuda spec", max_new_bytes=48, temperature=0, draft_model=d, draft_len=4, use_cuda_graph=graph)
+        assert spec.bytes == plain.bytes
+        assert spec.state.allclose(plain.state, rtol=1e-4, atol=1e-5)

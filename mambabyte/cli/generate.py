@@ -220,9 +220,24 @@ def main(argv: Optional[list] = None) -> int:
             out.text("\n")
     if args.stats:
         sys.stderr.write(result.stats.summary() + "\n")
+        if drafter is not None:
+            _speedup(model, prompt, state, logits, result, kw)
     if save_target is not None:
         _save(save_target, result, model, prompt, parent_meta, args)
     return 0
+
+
+def _speedup(model, prompt, state, logits, result, kw) -> None:
+    """Plain decoding of the same target, same length, for the speedup figure (--stats --speculative)."""
+    from ..generation import generate
+
+    n = max(len(s) for s in result.sequences)
+    plain_kw = {k: v for k, v in kw.items() if k not in ("draft_model", "draft_len", "adaptive_draft", "stop")}
+    plain_kw["max_new_bytes"] = n
+    plain = generate(model, prompt, state=state, logits=logits, seed=0, **plain_kw)
+    sp, pl = result.stats.decode_bytes_per_s, plain.stats.decode_bytes_per_s
+    sys.stderr.write(f"plain decoding of the same target: {pl:.1f} B/s; speculative {sp:.1f} B/s; "
+                     f"speedup {sp / pl if pl else 0:.2f}x\n")
 
 
 def _save(target, result, model, prompt: bytes, parent_meta, args) -> None:

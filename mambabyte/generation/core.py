@@ -283,7 +283,7 @@ def generate(
                 model, draft_model, feed, st, lg, max_new_bytes, params, stops=stops, include_stop=include_stop,
                 generator=generator, stream=_stream_adapter(stream, n_seq), draft_len=draft_len,
                 adaptive=adaptive_draft, draft_state=draft_state, stats=stats, bos=bos_b,
-                prompts_given=[p for p in prompts for _ in range(num_samples)],
+                prompts_given=[p for p in prompts for _ in range(num_samples)], use_cuda_graph=use_cuda_graph,
             )
         penalties = PenaltyState.create(feed, dev) if params.uses_penalties else None
         out = decode_n(

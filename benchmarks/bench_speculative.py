@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Speculative decoding with a byte drafter: measured speedups and a cost model for large targets.
+
+Two parts, each optional:
+
+1. ``--target T --drafter D`` (checkpoints; e.g. the shipped trained pair): speculative vs plain
+   decoding of T on prompts cut from ``--texts`` (default pg19_samples/*.txt), at temperature 0 and 0.8,
+   for each k in ``--ks``: acceptance rate, accepted bytes per verification, bytes/s, speedup, and
+   (at temperature 0) a check that the output equals plain greedy decoding.
+2. ``--shapes 353M 972M`` (random weights, speed only; GPU): the cost of one decode step (CUDA graph),
+   one drafter step (``--drafter_shape``, CUDA graph), one verification call over L = k+1 bytes (the
+   resumable scan), and the projected speedup for each k and acceptance rate alpha (measured ones from
+   part 1 when given, else ``--alphas``), using the i.i.d.-acceptance model:
+
+       bytes per verification  E(k, a) = (1 - a^(k+1)) / (1 - a)
+       time per verification   T = k t_draft + t_verify(k+1) + (1 - a^k) t_verify(~E) + t_sync
+       projected speedup       E t_step / T
+
+Prints tables and writes JSON to ``--json`` (rewritten after each measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+import torch  # noqa: E402
+
+from mambabyte import MambaByteLM  # noqa: E402
+from mambabyte.generation import generate  # noqa: E402
+from mambabyte.generation.cuda_graph import get_step_runner  # noqa: E402
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+RESULTS = {"meta": {}, "measured": [], "cost": [], "projection": []}
+
+
+def _dump(path):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(RESULTS, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# part 1: a real pair
+def measure_pair(args):
+    from mambabyte.io import load_pretrained
+
+    dev = args.device
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    T = load_pretrained(args.target, device=dev, dtype=dtype).eval()
+    D = load_pretrained(args.drafter, device=dev, dtype=dtype).eval()
+    texts = args.texts or sorted(glob.glob(os.path.join(REPO, "pg19_samples", "*.txt")))
+    prompts = []
+    for path in texts:
+        data = open(path, "rb").read()
+        for j in range(args.prompts_per_text):
+            s = (j + 1) * len(data) // (args.prompts_per_text + 1)
+            prompts.append(data[s : s + args.prompt_bytes])
+    RESULTS["meta"].update(target=args.target, drafter=args.drafter, target_params=T.num_parameters(),
+                           drafter_params=D.num_parameters(), texts=texts, n_prompts=len(prompts))
+    for temp in args.temperatures:
+        plain_rate, plain_out = [], []
+        for i, pr in enumerate(prompts):
+            r = generate(T, pr, max_new_bytes=args.new_bytes, temperature=temp, seed=i)
+            plain_rate.append(r.stats.decode_bytes_per_s)
+            plain_out.append(r.bytes)
+        for k in args.ks:
+            acc = drafted = ver = emitted = 0
+            rates, same = [], 0
+            for i, pr in enumerate(prompts):
+                r = generate(T, pr, max_new_bytes=args.new_bytes, temperature=temp, seed=i, draft_model=D, draft_len=k)
+                sp = r.stats.speculative
+                acc += sp["accepted"]
+                drafted += sp["drafted"]
+                ver += sp["verifications"]
+                emitted += sp["emitted"]
+                rates.append(r.stats.decode_bytes_per_s)
+                same += r.bytes == plain_out[i]
+            row = {"temperature": temp, "k": k, "acceptance_rate": acc / max(drafted, 1),
+                   "bytes_per_verification": emitted / max(ver, 1), "spec_bytes_per_s": sum(rates) / len(rates),
+                   "plain_bytes_per_s": sum(plain_rate) / len(plain_rate),
+                   "speedup": (sum(rates) / len(rates)) / (sum(plain_rate) / len(plain_rate)),
+                   "identical_to_plain": f"{same}/{len(prompts)}" if temp == 0 else None}
+            RESULTS["measured"].append(row)
+            _dump(args.json)
+            print(f"T={temp} k={k:>2}: acceptance {row['acceptance_rate']:.3f}, {row['bytes_per_verification']:.2f} B/verif, "
+                  f"{row['spec_bytes_per_s']:.1f} vs {row['plain_bytes_per_s']:.1f} B/s -> {row['speedup']:.2f}x"
+                  + (f", identical {row['identical_to_plain']}" if temp == 0 else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# part 2: cost model at large shapes
+def make_model(preset, dev, dtype):
+    torch.manual_seed(0)
+    m = MambaByteLM.from_preset(preset, device=dev)
+    if dtype != torch.float32:
+        m = m.to(dtype)
+        for layer in m.backbone.layers:
+            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
+            layer.mixer.D.data = layer.mixer.D.data.float()
+    return m.eval()
+
+
+@torch.no_grad()
+def step_time(m, graph=True, n=200):
+    dev = m.device
+    runner = get_step_runner(m, 1, use_cuda_graph=graph)
+    runner.load(m.allocate_state(1))
+    tok = torch.tensor([65], device=dev)
+    for _ in range(5):
+        runner(tok)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(n):
+        runner(tok)
+    _sync(dev)
+    return (time.perf_counter() - t) / n
+
+
+@torch.no_grad()
+def verify_time(m, L, reps=5):
+    dev = m.device
+    st = m(torch.tensor([list(b"warm up the state")], device=dev), return_state=True).state
+    ids = torch.randint(32, 127, (1, L), device=dev)
+    m(ids, state=st, return_state=True)
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t = time.perf_counter()
+        m(ids, state=st, return_state=True)
+        _sync(dev)
+        ts.append(time.perf_counter() - t)
+    return _median(ts)
+
+
+@torch.no_grad()
+def sync_time(dev, n=200):
+    x = torch.zeros(4, device=dev)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1).tolist()
+    return (time.perf_counter() - t) / n
+
+
+def cost_model(args):
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "bf16"]
+    from mambabyte.ops import backend_report
+
+    RESULTS["meta"].update(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                           backend=backend_report()["selective_scan"] if dev.type == "cuda" else "reference (CPU)")
+    d = make_model(args.drafter_shape, dev, dtype)
+    t_draft = step_time(d)
+    t_sync = sync_time(dev)
+    del d
+    alphas = sorted({round(r["acceptance_rate"], 3) for r in RESULTS["measured"]}) or args.alphas
+    for shape in args.shapes:
+        m = make_model(shape, dev, dtype)
+        t_step = step_time(m)
+        lens = sorted({k + 1 for k in args.ks} | {1, 2, 3, 5})
+        tv = {L: verify_time(m, L) for L in lens}
+        row = {"shape": shape, "dtype": args.dtype or "bf16", "drafter_shape": args.drafter_shape,
+               "t_step_ms": t_step * 1e3, "t_draft_step_ms": t_draft * 1e3, "t_sync_ms": t_sync * 1e3,
+               "t_verify_ms": {str(L): v * 1e3 for L, v in tv.items()}}
+        RESULTS["cost"].append(row)
+        _dump(args.json)
+        print(f"{shape}: step {t_step * 1e3:.3f} ms (graph), drafter step {t_draft * 1e3:.3f} ms, "
+              f"verify " + ", ".join(f"L={L} {v * 1e3:.2f} ms" for L, v in tv.items()))
+        for k in args.ks:
+            for a in alphas:
+                E = (k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+                Lr = min(k + 1, max(1, int(round(E))))
+                t_rerun = tv.get(Lr) or verify_time(m, Lr)
+                T = k * t_draft + tv[k + 1] + (1 - a ** k) * t_rerun + t_sync
+                RESULTS["projection"].append({"shape": shape, "k": k, "alpha": a, "bytes_per_verification": E,
+                                              "ms_per_verification": T * 1e3, "speedup": E * t_step / T})
+        _dump(args.json)
+        del m
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{'shape':<6} {'k':>3} " + " ".join(f"a={a:<5}" for a in alphas))
+    for shape in args.shapes:
+        for k in args.ks:
+            cells = [p for p in RESULTS["projection"] if p["shape"] == shape and p["k"] == k]
+            print(f"{shape:<6} {k:>3} " + " ".join(f"{p['speedup']:>6.2f}x" for p in cells))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
+    p.add_argument("--target", default=None)
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--texts", nargs="*", default=None)
+    p.add_argument("--prompts_per_text", type=int, default=2)
+    p.add_argument("--prompt_bytes", type=int, default=256)
+    p.add_argument("--new_bytes", type=int, default=128)
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.8])
+    p.add_argument("--ks", nargs="+", type=int, default=[4, 8, 16])
+    p.add_argument("--shapes", nargs="*", default=None, help="random-weight shapes for the cost model (GPU)")
+    p.add_argument("--drafter_shape", default="draft")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    RESULTS["meta"].update(torch=torch.__version__, argv=sys.argv[1:], date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    if args.target or args.drafter:
+        if not (args.target and args.drafter):
+            p.error("--target and --drafter go together")
+        measure_pair(args)
+    if args.shapes:
+        cost_model(args)
+    if not (args.target or args.shapes):
+        p.error("nothing to do: give --target/--drafter and/or --shapes")
+    _dump(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
