@@ -107,7 +107,11 @@ def bench_scan_shape(b, d, L, n, h0=False):
     )
 
 
-FWD_VARIANTS = [dict(items=8, fwd_min_blocks=1), dict(items=8, fwd_min_blocks=5), dict(items=16, fwd_min_blocks=1)]
+FWD_VARIANTS = [
+    dict(fwd_pair=1, fwd_min_blocks=1),
+    dict(fwd_pair=0, fwd_min_blocks=1),
+    dict(fwd_pair=1, fwd_min_blocks=4),
+]
 BWD_VARIANTS = [
     dict(bwd_warps=4, bwd_min_blocks=1),
     dict(bwd_warps=4, bwd_min_blocks=2),

@@ -120,16 +120,17 @@ static void run_scan_bwd(mb::ScanParams& p, int dt, cudaStream_t s) {
   else mb::scan_bwd_bf16(p, s);
 }
 
-// Returns [out, final_state, chunk_states (empty unless save_states)]. items: time steps per thread (8 / 16).
+// Returns [out, final_state, chunk_states (empty unless save_states)]. items: time steps per thread (8).
 std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus, const OptT& h0,
-                             bool save_states, int64_t items, int64_t min_blocks) {
+                             bool save_states, int64_t items, int64_t min_blocks, bool pair) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
-  TORCH_CHECK(items == 8 || items == 16, "items must be 8 or 16");
+  TORCH_CHECK(items == 8, "items must be 8");
   p.items = (int)items;
   p.fwd_min_blocks = (int)min_blocks;
+  p.fwd_pair = pair ? 1 : 0;
   const int64_t b = p.batch, d = p.dim, n = p.dstate;
   p.h0 = opt_f32(h0, "initial_state", b * d * n);
   Tensor out = at::empty_like(u);

@@ -25,7 +25,10 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // softplus with torch's default threshold (x > 20 -> x).
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float softplus_f(float x) {
+  // log1p(e^x) = e^x (1 - e^x / 2 + ...): below -15 the first term is exact to 2e-7 relative
+  return x > 20.f ? x : (x < -15.f ? __expf(x) : __logf(1.f + __expf(x)));
+}
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // kT consecutive elements of a row starting at t0, zero past L. `vec` says the row is 16-byte
@@ -87,6 +90,27 @@ __device__ __forceinline__ void warp_scan_fwd(float& P, float& S, int lane) {
     if (lane >= off) {
       S = fmaf(P, Sp, S);
       P *= Pp;
+    }
+  }
+}
+
+// The same for kNP independent maps at once (interleaved shuffles).
+template <int kNP>
+__device__ __forceinline__ void warp_scan_fwd_n(float (&P)[kNP], float (&S)[kNP], int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    float Pp[kNP], Sp[kNP];
+#pragma unroll
+    for (int j = 0; j < kNP; ++j) {
+      Pp[j] = __shfl_up_sync(kFullMask, P[j], off);
+      Sp[j] = __shfl_up_sync(kFullMask, S[j], off);
+    }
+    if (lane >= off) {
+#pragma unroll
+      for (int j = 0; j < kNP; ++j) {
+        S[j] = fmaf(P[j], Sp[j], S[j]);
+        P[j] *= Pp[j];
+      }
     }
   }
 }

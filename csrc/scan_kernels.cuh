@@ -1,20 +1,26 @@
 // Selective scan (Mamba-1 recurrence) forward and backward, resumable from a state.
 //
 // Layout of the work: one warp owns one (batch, channel) row and walks it in chunks of
-// kScanChunk = 32 lanes x kScanItems time steps. Each lane owns kScanItems consecutive steps.
+// 32 lanes x kT time steps (kT = kScanItems = 8: 256 steps). Each lane owns kT consecutive steps.
 // For each state index n the lane composes its steps into one affine map h -> P*h + S
-// (P = prod exp(delta*A), S = state reached from zero), a warp shuffle scan composes the lanes,
-// and the carry (state at the chunk start, kept in shared memory, any n) enters every lane through
-// its exclusive prefix. There is no block-level synchronisation in the forward pass; a block holds a
-// few channels of one batch element so that their shared B / C rows are served from L1.
+// (P = exp2(A log2(e) * sum delta) over the lane, S = state reached from zero), a warp shuffle scan
+// composes the lanes, and the carry (state at the chunk start, kept in shared memory, any n) enters
+// every lane through its exclusive prefix; a second pass over the lane's steps then produces the
+// states and y = sum_n C h. A block holds 4 channels of one batch element (8 in the backward): when B
+// and C are both variable, each chunk of their rows is staged once per block in shared memory by
+// cp.async one chunk ahead (double-buffered), and u / delta / z of the next chunk are prefetched into
+// registers, so the n loop reads only registers and shared memory. In the staged forward two states
+// are processed per iteration (their shuffle scans interleave).
 //
 // The backward pass walks the chunks in reverse. It re-computes the chunk's forward states from the
-// chunk-start states the forward pass saved, then runs the reverse recurrence
+// chunk-start states the forward pass saved (every 256 steps), then runs the reverse recurrence
 //   Q_t = exp(delta_t A) * (dy_t C_t + Q_{t+1}),   Q_L = d(final_state),
 // (Q_t is the gradient reaching h_{t-1} through step t) with the same lane/warp structure, so
 //   G_t = dy_t C_t + Q_{t+1} = dL/dh_t,   d(initial_state) = Q_0.
-// Per-channel sums (dA, fixed dB/dC, dD, d delta_bias) are warp-reduced; variable dB / dC are summed
-// over the block's channels in shared memory and added to an fp32 buffer with atomics.
+// The forward re-computation scan and the reverse scan are interleaved (they are independent).
+// Per-channel sums (dA, fixed dB/dC, dD, d delta_bias) are warp-reduced into per-batch partials;
+// variable dB / dC are summed over the block's channels in shared memory (double-buffered, one
+// barrier per state index) and added to an fp32 buffer with 16-byte vector atomics.
 #pragma once
 
 #include "common.cuh"
@@ -38,11 +44,13 @@ __device__ __forceinline__ void fetch_bc(const BE* __restrict__ base, int var, i
 
 // kStage: B and C are both variable; each chunk of their rows is staged in shared memory (cp.async,
 // double-buffered, one chunk ahead) and shared by the block's channels.
-template <typename E, typename BE, int kT, int kMinBlocks, bool kStage>
+// kNP: states processed together in the n loop (2: two independent shuffle scans interleaved).
+template <typename E, typename BE, int kT, int kMinBlocks, bool kStage, int kNP>
 __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanParams p) {
   constexpr int kChunk = 32 * kT;
   constexpr int kSavesPerChunk = kChunk / kScanChunk;  // states saved every kScanChunk steps
   constexpr int kLanesPerSave = kScanChunk / kT;
+  static_assert(kStage || kNP == 1, "the register-prefetch path takes one state at a time");
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -121,61 +129,72 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
       fetch_bc<BE, kT>(Cb, p.C_var, 0, L, t0, p.C_vec, Cn);
     }
 #pragma unroll 1
-    for (int n = 0; n < N; ++n) {
-      float Bv[kT], Cv[kT];
-      if constexpr (kStage) {
-        const uint4* sb = reinterpret_cast<const uint4*>(st + n * kChunk + lane * kT);
-        const uint4* sc = reinterpret_cast<const uint4*>(st + (N + n) * kChunk + lane * kT);
+    for (int n = 0; n < N; n += kNP) {  // kNP states at a time: independent chains to overlap
+      float Cv[kNP][kT], dA[kNP][kT], dBu[kNP][kT], P[kNP], S[kNP];
 #pragma unroll
-        for (int j = 0; j < kT * (int)sizeof(BE) / 16; ++j) {
-          reinterpret_cast<uint4*>(Bn)[j] = sb[j];
-          reinterpret_cast<uint4*>(Cn)[j] = sc[j];
+      for (int j = 0; j < kNP; ++j) {
+        float Bv[kT];
+        if constexpr (kStage) {
+          alignas(16) BE Br[kT], Cr[kT];
+          const uint4* sb = reinterpret_cast<const uint4*>(st + (n + j) * kChunk + lane * kT);
+          const uint4* sc = reinterpret_cast<const uint4*>(st + (N + n + j) * kChunk + lane * kT);
+#pragma unroll
+          for (int v = 0; v < kT * (int)sizeof(BE) / 16; ++v) {
+            reinterpret_cast<uint4*>(Br)[v] = sb[v];
+            reinterpret_cast<uint4*>(Cr)[v] = sc[v];
+          }
+#pragma unroll
+          for (int i = 0; i < kT; ++i) {
+            Bv[i] = to_float(Br[i]);
+            Cv[j][i] = to_float(Cr[i]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kT; ++i) {
+            Bv[i] = to_float(Bn[i]);
+            Cv[j][i] = to_float(Cn[i]);
+          }
+          if (n + 1 < N) {  // prefetch the next state's B / C rows (kNP == 1 here)
+            fetch_bc<BE, kT>(Bb, p.B_var, n + 1, L, t0, p.B_vec, Bn);
+            fetch_bc<BE, kT>(Cb, p.C_var, n + 1, L, t0, p.C_vec, Cn);
+          }
         }
-      }
+        const float a2 = A[n + j] * kLog2e;
+        // pass 1: the lane's map h -> P*h + S
+        S[j] = 0.f;
 #pragma unroll
-      for (int i = 0; i < kT; ++i) {
-        Bv[i] = to_float(Bn[i]);
-        Cv[i] = to_float(Cn[i]);
-      }
-      if constexpr (!kStage) {
-        if (n + 1 < N) {  // prefetch the next state's B / C rows
-          fetch_bc<BE, kT>(Bb, p.B_var, n + 1, L, t0, p.B_vec, Bn);
-          fetch_bc<BE, kT>(Cb, p.C_var, n + 1, L, t0, p.C_vec, Cn);
+        for (int i = 0; i < kT; ++i) {
+          dA[j][i] = exp2f(dl[i] * a2);
+          dBu[j][i] = du[i] * Bv[i];
+          S[j] = fmaf(dA[j][i], S[j], dBu[j][i]);
         }
+        P[j] = exp2f(a2 * dsum);
       }
-      const float a2 = A[n] * kLog2e;
-      // pass 1: the lane's map h -> P*h + S
-      float dA[kT], dBu[kT];
-      float S = 0.f;
+      warp_scan_fwd_n<kNP>(P, S, lane);
 #pragma unroll
-      for (int i = 0; i < kT; ++i) {
-        dA[i] = exp2f(dl[i] * a2);
-        dBu[i] = du[i] * Bv[i];
-        S = fmaf(dA[i], S, dBu[i]);
-      }
-      float P = exp2f(a2 * dsum);
-      warp_scan_fwd(P, S, lane);
-      const float cin = carry[n];
-      const float hend = fmaf(P, cin, S);
-      float hin = __shfl_up_sync(kFullMask, hend, 1);
-      if (lane == 0) hin = cin;
-      // pass 2: the states from the lane's true incoming state, read out through C
-      float h = hin;
+      for (int j = 0; j < kNP; ++j) {
+        const float cin = carry[n + j];
+        const float hend = fmaf(P[j], cin, S[j]);
+        float hin = __shfl_up_sync(kFullMask, hend, 1);
+        if (lane == 0) hin = cin;
+        // pass 2: the states from the lane's true incoming state, read out through C
+        float h = hin;
 #pragma unroll
-      for (int i = 0; i < kT; ++i) {
-        h = fmaf(dA[i], h, dBu[i]);
-        y[i] = fmaf(h, Cv[i], y[i]);
-      }
-      const float cnew = __shfl_sync(kFullMask, hend, 31);
-      if (cs) {
-#pragma unroll
-        for (int j = 1; j < kSavesPerChunk; ++j) {
-          const float v = __shfl_sync(kFullMask, hend, j * kLanesPerSave - 1);
-          if (lane == 0 && c * kSavesPerChunk + j < p.n_save) cs[j * N + n] = v;
+        for (int i = 0; i < kT; ++i) {
+          h = fmaf(dA[j][i], h, dBu[j][i]);
+          y[i] = fmaf(h, Cv[j][i], y[i]);
         }
-        if (lane == 0) cs[n] = cin;
+        const float cnew = __shfl_sync(kFullMask, hend, 31);
+        if (cs) {
+#pragma unroll
+          for (int k = 1; k < kSavesPerChunk; ++k) {
+            const float v = __shfl_sync(kFullMask, hend, k * kLanesPerSave - 1);
+            if (lane == 0 && c * kSavesPerChunk + k < p.n_save) cs[k * N + n + j] = v;
+          }
+          if (lane == 0) cs[n + j] = cin;
+        }
+        if (lane == 0) carry[n + j] = cnew;
       }
-      if (lane == 0) carry[n] = cnew;
     }
     __syncwarp();
     if constexpr (kStage) __syncthreads();  // everyone is done with this stage before it is refilled
@@ -330,12 +349,35 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
         h = fmaf(dA[i], h, hv[i]);
       }
       const float Pl = exp2f(a2 * dsum);  // the lane's total decay (also the reverse scan's)
-      float P = Pl, S = h;
-      warp_scan_fwd(P, S, lane);
+      // reverse recurrence, lane-local from zero (independent of the forward states)
+      float q = 0.f;
+#pragma unroll
+      for (int i = kT - 1; i >= 0; --i) q = dA[i] * fmaf(dy[i], Cv[i], q);
+      // the forward and the reverse warp scans, interleaved
+      float P = Pl, S = h, Pr = Pl, Sr = q;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float Pp = __shfl_up_sync(kFullMask, P, off);
+        const float Sp = __shfl_up_sync(kFullMask, S, off);
+        const float Pn = __shfl_down_sync(kFullMask, Pr, off);
+        const float Sn = __shfl_down_sync(kFullMask, Sr, off);
+        if (lane >= off) {
+          S = fmaf(P, Sp, S);
+          P *= Pp;
+        }
+        if (lane + off < 32) {
+          Sr = fmaf(Pr, Sn, Sr);
+          Pr *= Pn;
+        }
+      }
       const float hstart = cs[n];
       const float hend = fmaf(P, hstart, S);
       float hin = __shfl_up_sync(kFullMask, hend, 1);
       if (lane == 0) hin = hstart;
+      const float cq = carry[n];
+      const float qs = fmaf(Pr, cq, Sr);
+      float qin = __shfl_down_sync(kFullMask, qs, 1);
+      if (lane == 31) qin = cq;
       h = hin;
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
@@ -343,17 +385,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
         hv[i] = h;
         y[i] = fmaf(h, Cv[i], y[i]);
       }
-      // reverse recurrence, lane-local from zero
-      float q = 0.f;
-#pragma unroll
-      for (int i = kT - 1; i >= 0; --i) q = dA[i] * fmaf(dy[i], Cv[i], q);
-      P = Pl;
-      S = q;
-      warp_scan_rev(P, S, lane);
-      const float cq = carry[n];
-      const float qs = fmaf(P, cq, S);
-      float qin = __shfl_down_sync(kFullMask, qs, 1);
-      if (lane == 31) qin = cq;
 
       float gA = 0.f, gB = 0.f, gC = 0.f;
       float vB[kT], vC[kT];
@@ -468,35 +499,38 @@ inline bool scan_can_stage(const ScanParams& p, int chunk) {
   return p.B_var && p.C_var && 2 * 2 * (size_t)p.dstate * chunk * sizeof(BE) <= 64 * 1024;
 }
 
+
 template <typename K>
 inline void scan_smem_attr(K kernel, size_t sm) {
   if (sm > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
 }
 
-template <typename E, typename BE, int kT, int kMinBlocks>
+template <typename E, typename BE, int kT, int kMinBlocks, int kNP>
 void scan_fwd_go(ScanParams& p, cudaStream_t s) {
   const int nw = scan_warps_per_block(p, 4);
   dim3 grid(p.dim / nw, p.batch);
   const size_t base = sizeof(float) * ((nw * p.dstate + 3) & ~3);
-  if (scan_can_stage<BE>(p, 32 * kT)) {
+  if (scan_can_stage<BE>(p, 32 * kT) && p.dstate % kNP == 0) {
     const size_t sm = base + 2 * 2 * (size_t)p.dstate * 32 * kT * sizeof(BE);
-    scan_smem_attr(scan_fwd_kernel<E, BE, kT, kMinBlocks, true>, sm);
-    scan_fwd_kernel<E, BE, kT, kMinBlocks, true><<<grid, nw * 32, sm, s>>>(p);
+    scan_smem_attr(scan_fwd_kernel<E, BE, kT, kMinBlocks, true, kNP>, sm);
+    scan_fwd_kernel<E, BE, kT, kMinBlocks, true, kNP><<<grid, nw * 32, sm, s>>>(p);
   } else {
-    scan_fwd_kernel<E, BE, kT, kMinBlocks, false><<<grid, nw * 32, base, s>>>(p);
+    scan_fwd_kernel<E, BE, kT, kMinBlocks, false, 1><<<grid, nw * 32, base, s>>>(p);
   }
 }
 
-// Tuning variants (items / min_blocks) are compiled for the hot case only: 16-bit inputs with B / C
-// in the same dtype. Everything else runs the default (8 items, no register cap).
+// Tuning variants are compiled for the hot case only (16-bit inputs with B / C in the same dtype):
+// fwd_pair = 0 (one state per n iteration); fwd_min_blocks = 4 (registers capped at 128).
+// Default: 8 items, two states per iteration when B / C are staged, no register cap. (16 items per
+// thread measured 1.28x slower on an H100, 2026-11-23, and is no longer compiled.)
 template <typename E, typename BE>
 void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
-    if (p.items == 16) return scan_fwd_go<E, BE, 16, 1>(p, s);
-    if (p.fwd_min_blocks == 5) return scan_fwd_go<E, BE, 8, 5>(p, s);
+    if (!p.fwd_pair) return scan_fwd_go<E, BE, 8, 1, 1>(p, s);
+    if (p.fwd_min_blocks == 4) return scan_fwd_go<E, BE, 8, 4, 2>(p, s);
   }
   p.items = 8;
-  scan_fwd_go<E, BE, 8, 1>(p, s);
+  scan_fwd_go<E, BE, 8, 1, 2>(p, s);
 }
 
 template <typename E, typename BE, int kMinBlocks>

@@ -376,14 +376,14 @@ def test_mamba_decode_step(dtype, poison):
 # ------------------------------------------------------------------ tuning variants
 
 VARIANTS = [
-    dict(items=8, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=1),
-    dict(items=8, fwd_min_blocks=5, bwd_warps=8, bwd_min_blocks=2),
-    dict(items=16, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=1),
-    dict(items=16, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2),
+    dict(fwd_pair=1, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2),
+    dict(fwd_pair=0, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=1),
+    dict(fwd_pair=1, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1),
+    dict(fwd_pair=0, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2),
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "i{items}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}".format(**v))
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "pair{fwd_pair}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}".format(**v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_scan_variants(variant, dtype, poison, monkeypatch):
     """Every compiled kernel variant: forward, resume across an odd cut, and all gradients."""

@@ -41,15 +41,16 @@ __all__ = [
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
-# Scan kernel variants (benchmarks/bench_scan.py times them; the defaults are the measured best on
-# an H100). items: time steps per thread in the forward (8 or 16); fwd_min_blocks: 1, or 5 to cap
-# registers for more resident warps; bwd_warps: channels per block in the backward (4 or 8);
-# bwd_min_blocks: 1, or 2 to cap the backward's registers at 128.
+# Scan kernel variants (benchmarks/bench_scan.py --sweep times them). items: time steps per thread
+# (8); fwd_pair: the forward takes two states per n iteration where B / C are staged in shared memory
+# (1) or one (0); fwd_min_blocks: 1, or 4 to cap the forward's registers at 128; bwd_warps: channels
+# per block in the backward (4 or 8); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128.
 TUNING = {
     "items": int(os.environ.get("MAMBABYTE_SCAN_ITEMS", "8")),
+    "fwd_pair": int(os.environ.get("MAMBABYTE_SCAN_FWD_PAIR", "1")),
     "fwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_FWD_MIN_BLOCKS", "1")),
-    "bwd_warps": int(os.environ.get("MAMBABYTE_SCAN_BWD_WARPS", "4")),
-    "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "1")),
+    "bwd_warps": int(os.environ.get("MAMBABYTE_SCAN_BWD_WARPS", "8")),
+    "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "2")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
@@ -154,8 +155,17 @@ def _ext():
 # ----------------------------------------------------------------------------------------------
 
 
+def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """t in dtype and contiguous; no op (and no autograd node) when it already is."""
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(torch.float32).contiguous()
+    return _as(t, torch.float32)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -165,7 +175,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         out, fin, cs = _ext().scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True,
-            TUNING["items"], TUNING["fwd_min_blocks"],
+            TUNING["items"], TUNING["fwd_min_blocks"], bool(TUNING["fwd_pair"]),
         )
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = initial_state is not None
@@ -207,16 +217,16 @@ def _prepare_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
     def bc(M):
         if M.dim() == 3:
             M = M.unsqueeze(1)
-        return M.to(bc_dt).contiguous()
+        return _as(M, bc_dt)
 
     return (
-        u.to(e).contiguous(),
-        delta.to(e).contiguous(),
+        _as(u, e),
+        _as(delta, e),
         _f32(A),
         bc(B),
         bc(C),
         _f32(D),
-        None if z is None else z.to(e).contiguous(),
+        _as(z, e),
         _f32(delta_bias),
         _f32(initial_state),
     )
@@ -248,7 +258,8 @@ def selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
         out, fin = _SelectiveScanFn.apply(*args, bool(delta_softplus))
     else:
         out, fin, _ = _ext().scan_fwd(
-            *args[:8], bool(delta_softplus), args[8], False, TUNING["items"], TUNING["fwd_min_blocks"]
+            *args[:8], bool(delta_softplus), args[8], False,
+            TUNING["items"], TUNING["fwd_min_blocks"], bool(TUNING["fwd_pair"]),
         )
     out = out.to(u.dtype)
     return (out, fin) if return_final_state else out
@@ -340,18 +351,18 @@ def selective_state_update_cuda(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_sof
             ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
         )
     e = x.dtype
-    xs = x.contiguous()
+    xs = _as(x, x.dtype)
     return _ext().ssm_step(
         ssm_state,
         xs,
-        dt.to(e).contiguous(),
+        _as(dt, e),
         None,
         None,
         _f32(A),
-        B.to(e).contiguous(),
-        C.to(e).contiguous(),
+        _as(B, e),
+        _as(C, e),
         _f32(D),
-        None if z is None else z.to(e).contiguous(),
+        _as(z, e),
         _f32(dt_bias),
         bool(dt_softplus),
     )
@@ -410,7 +421,7 @@ def mamba_decode_step_cuda(
     needs every channel's conv output, so (1) and (3) cannot be one launch without a grid-wide sync.
     """
     xc = causal_conv1d_update_cuda(x, conv_state, conv_weight, conv_bias, activation)
-    x_dbl = F.linear(xc, x_proj_weight.to(xc.dtype))
+    x_dbl = F.linear(xc, _as(x_proj_weight, xc.dtype))
     R = dt_proj_weight.shape[1]
     n = A.shape[-1]
     tensors = (xc, z, ssm_state, dt_proj_weight, A, D, dt_proj_bias)
@@ -431,12 +442,12 @@ def mamba_decode_step_cuda(
         xc,
         None,
         x_dbl[:, :R],
-        dt_proj_weight.to(e).contiguous(),
+        _as(dt_proj_weight, e),
         _f32(A),
         x_dbl[:, R : R + n],
         x_dbl[:, R + n :],
         _f32(D),
-        None if z is None else z.to(e).contiguous(),
+        _as(z, e),
         _f32(dt_proj_bias),
         True,
     )
