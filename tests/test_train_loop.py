@@ -193,3 +193,17 @@ def test_yaml_config_errors_and_overrides(tmp_path, capsys):
     ck = load_checkpoint(list_checkpoints(tmp_path / "g")[-1])
     assert ck["step"] == 2 and ck["model_config"]["d_model"] == 32 and ck["train_config"]["lr"] == 1e-3
     assert {"optimizer", "scheduler", "rng", "data", "train_config"} <= set(ck)
+
+
+def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, capsys):
+    train(base(tmp_path, "old", max_steps=2))
+    capsys.readouterr()
+    args = ["--data", str(DATA / "train"), "--out_dir", str(tmp_path / "old"), "--max_steps", "1", "--seq_len", "32",
+            "--batch_size", "2", "--progress", "off"]
+    with pytest.raises(SystemExit) as e:
+        train_main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "already holds checkpoints" in err and "\n" not in err
+    assert train_main(args + ["--overwrite", "true"]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "old")] == ["step_000001.pt"]
+    assert [r["step"] for r in rows(tmp_path / "old")] == [1]

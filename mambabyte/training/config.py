@@ -74,6 +74,7 @@ class TrainConfig:
     keep_last: int = 3
     keep_best: bool = True
     resume: Union[bool, str] = False  # True: latest checkpoint in out_dir; or a checkpoint path
+    overwrite: bool = False  # a fresh run may replace the checkpoints of an earlier run in out_dir
     log_every: int = 1
     progress: str = "auto"  # auto (when stderr is a terminal) | on | off
     tensorboard: bool = False

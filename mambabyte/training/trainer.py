@@ -38,6 +38,7 @@ from ..state import MambaState
 from ..data import ByteData, StreamSampler, WindowSampler, is_prepared_dir, load_byte_data, split_tail
 from .checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     rng_state,
@@ -357,6 +358,19 @@ class Trainer:
             ck = load_checkpoint(path)
             self.resumed_from = str(path)
 
+        elif latest_checkpoint(self.out_dir) is not None or (self.out_dir / "checkpoints" / "best.pt").is_file():
+            if not cfg.overwrite:
+                raise MambaByteError(
+                    f"out_dir {str(self.out_dir)!r} already holds checkpoints of a run: continue it with --resume, "
+                    f"or start over with --overwrite true, or choose another --out_dir"
+                )
+            self._barrier()
+            if d.is_main:
+                for p in list_checkpoints(self.out_dir) + [self.out_dir / "checkpoints" / "best.pt"]:
+                    if p.exists():
+                        p.unlink()
+            self._barrier()
+
         # data -------------------------------------------------------------------------------------------
         self.train_data, self.val = self._load_data()
         G, W = cfg.batch_size, d.world_size
@@ -498,6 +512,7 @@ class Trainer:
         t_loop = time.perf_counter() - self.elapsed
         if budget is not None and self.elapsed >= budget:
             stopped_by = "max_time"
+            self.log(f"the run already used its wall-clock budget ({cfg.max_time_minutes} min); raise --max_time to go on")
         params = [p for p in self.raw.parameters() if p.requires_grad]
         while step < cfg.max_steps and stopped_by != "max_time":
             t0 = time.perf_counter()
