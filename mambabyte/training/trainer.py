@@ -286,7 +286,7 @@ class Trainer:
                      "batch_size": self.cfg.batch_size, "tbptt_states": self._gather_streams()},
             "rng": rng_state(),
             "train_config": self.cfg.to_dict(),
-            "metrics": {"best_val_bpb": self.best_val, "last_loss": self.last_loss, "bytes_seen": self.bytes_seen},
+            "metrics": {"best_val_bpb": self.best_val, "best_eval": self.best_eval, "last_loss": self.last_loss, "bytes_seen": self.bytes_seen},
             "world_size": self.d.world_size,
         }
 
@@ -333,6 +333,7 @@ class Trainer:
             self.log(f"step {step}: val bpb {res['val_bpb']:.4f}{extra} on {res['val_bytes']:,} bytes")
         if self.best_val is None or res["val_bpb"] < self.best_val:
             self.best_val = res["val_bpb"]
+            self.best_eval = dict(row)
             if self.cfg.keep_best:
                 self.best_path = self._save(step, best=True) or self.best_path
         return res
@@ -439,6 +440,7 @@ class Trainer:
         self.decay_steps = cfg.lr_decay_steps or cfg.max_steps
         self.best_val: Optional[float] = None
         self.best_path: Optional[Path] = None
+        self.best_eval: Dict[str, Any] = {}
         self.last_loss: Optional[float] = None
         self.bytes_seen = 0
         self.elapsed = 0.0
@@ -452,6 +454,7 @@ class Trainer:
             start = int(ck["step"])
             met = ck.get("metrics") or {}
             self.best_val = met.get("best_val_bpb")
+            self.best_eval = dict(met.get("best_eval") or {})
             self.last_loss = met.get("last_loss")
             self.bytes_seen = int(met.get("bytes_seen") or 0)
             self.elapsed = float((ck.get("scheduler") or {}).get("elapsed_s") or 0.0)
@@ -669,9 +672,11 @@ class Trainer:
             sd = load_checkpoint(self.best_path)["model"]
         m = MambaByteLM(self.model_config, device="cpu")
         m.load_state_dict(sd)
+        ev = final if which == "last" else self.best_eval
         info = {"training": {"steps": step, "bytes_seen": self.bytes_seen, "weights": which,
-                             "val_bpb": final.get("val_bpb") if which == "last" else self.best_val,
-                             "val_bpb_window": final.get("val_bpb_window") if which == "last" else None,
+                             "weights_step": step if which == "last" else ev.get("step"),
+                             "val_bpb": ev.get("val_bpb"), "val_bpb_window": ev.get("val_bpb_window"),
+                             "val_bpb_carried": ev.get("val_bpb_carried"), "val_bytes": ev.get("val_bytes"),
                              "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr,
                              "data": [str(x) for x in cfg.data]}}
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.export_dtype]
