@@ -40,12 +40,14 @@ def target():
     return MambaByteLM.from_preset("tiny").eval()
 
 
+@pytest.mark.parametrize("rollback", ["deferred", "rerun"])
 @pytest.mark.parametrize("k", [1, 3, 4, 8])
-def test_greedy_identity_with_plain_greedy(target, k):
+def test_greedy_identity_with_plain_greedy(target, k, rollback):
     drafter = perturbed(target, 0.05)
     prompt = "Speculative"
     plain = target.generate(prompt, max_new_bytes=40, temperature=0)
-    spec = target.generate(prompt, max_new_bytes=40, temperature=0, draft_model=drafter, draft_len=k)
+    spec = target.generate(prompt, max_new_bytes=40, temperature=0, draft_model=drafter, draft_len=k,
+                           speculative_rollback=rollback)
     assert spec.bytes == plain.bytes
     assert spec.state.allclose(plain.state, rtol=1e-4, atol=1e-5)
     assert torch.allclose(spec.logits, plain.logits, atol=1e-4)
@@ -84,9 +86,11 @@ def test_drafter_equal_to_target_accepts_everything(target):
         assert len(spec.bytes) == 30
 
 
-def test_state_after_speculative_sampling_equals_plain_state(target):
+@pytest.mark.parametrize("rollback", ["deferred", "rerun"])
+def test_state_after_speculative_sampling_equals_plain_state(target, rollback):
     drafter = perturbed(target, 0.1)
-    spec = target.generate("sampled", max_new_bytes=40, temperature=0.9, seed=3, draft_model=drafter, draft_len=4)
+    spec = target.generate("sampled", max_new_bytes=40, temperature=0.9, seed=3, draft_model=drafter, draft_len=4,
+                           speculative_rollback=rollback)
     ref = target(torch.tensor([list(b"sampled" + spec.bytes)]), return_state=True)
     assert spec.state.allclose(ref.state, rtol=1e-4, atol=1e-5)
     assert torch.allclose(spec.logits, ref.logits[:, -1], atol=1e-4)
@@ -175,15 +179,16 @@ def test_rollback_inside_multibyte_characters_and_stream():
     assert spec.state.allclose(ref.state, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rollback", ["deferred", "rerun"])
 @pytest.mark.parametrize("k", [2, 5])
-def test_stop_string_across_a_verification(k):
+def test_stop_string_across_a_verification(k, rollback):
     prompt = b"Q:"
     script = "r\u00e9ponse 42.\nQ: ignored text".encode()
     target = scripted(prompt, script)
     drafter = scripted(prompt, script)  # perfect drafter: a stop string lands inside one verification
     pieces = []
     spec = target.generate(prompt, max_new_bytes=len(script), temperature=0, draft_model=drafter, draft_len=k,
-                           stop="\nQ:", stream=pieces.append)
+                           stop="\nQ:", stream=pieces.append, speculative_rollback=rollback)
     assert spec.bytes == "r\u00e9ponse 42.".encode() and spec.stop_reasons == ["stop"]
     assert "".join(pieces) == "r\u00e9ponse 42."
     ref = MambaByteLM.forward(target, torch.tensor([list(prompt + spec.bytes)]), return_state=True)
@@ -199,6 +204,8 @@ def test_speculative_errors(target):
         target.generate("x", max_new_bytes=4, draft_model=target, repetition_penalty=1.2)
     with pytest.raises(MambaByteError):
         target.generate("x", max_new_bytes=4, draft_model=target, draft_len=-1)
+    with pytest.raises(MambaByteError):
+        target.generate("x", max_new_bytes=4, draft_model=target, speculative_rollback="sideways")
     big = MambaByteLM(target.config.__class__.from_preset("tiny", vocab_size=512))
     with pytest.raises(MambaByteError):
         target.generate("x", max_new_bytes=4, draft_model=big)

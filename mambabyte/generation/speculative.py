@@ -4,7 +4,8 @@ scan of the target, roll back exactly.
 Shapes: V = 256, k = draft length. One sequence at a time (a batch is decoded row after row).
 
 Per verification (the target state ``S`` has consumed everything but the pending byte ``c``, the last
-byte emitted; the drafter's state is at the same point):
+byte emitted -- with ``rollback="deferred"``, also but the bytes accepted since S was last advanced,
+which are fed before ``c``; the drafter has consumed everything but ``c``):
 
 1. Draft: the drafter steps ``c`` and then its own samples, ``x_j ~ q_j`` for j < k, keeping a snapshot
    of its state after each step (its states are small).
@@ -18,8 +19,12 @@ byte emitted; the drafter's state is at the same point):
    is accepted iff it equals the target's argmax and the replacement is that argmax: the output is the
    target's greedy output byte for byte.
 4. Roll back: if all k were accepted the verification's final state is kept; otherwise ``S`` (never
-   modified: ``model(...)`` returns a new state) is resumed over ``[c, x_0 .. x_{a-1}]`` only. The drafter
-   restores the snapshot after its a-th step. The prompt is never re-run.
+   modified: ``model(...)`` returns a new state) stays the snapshot and is resumed over the accepted
+   bytes only. ``rollback="rerun"`` does that at once (a second, short scan call);
+   ``rollback="deferred"`` (default) folds those bytes into the front of the next verification call, so
+   every verification is exactly one target call (the bytes are re-scanned, never re-sampled; the
+   deferred run is flushed with its own call if it grows past 2 x the largest k). Both are exact. The
+   drafter restores the snapshot taken after its a-th step. The prompt is never re-run.
 
 The bytes a verification emits are ``x_0 .. x_{a-1}, y``; ``y`` becomes the next pending byte. At the end
 (length or a stop string) the state is brought to exactly ``prompt + returned bytes``.
@@ -140,6 +145,7 @@ def speculative_decode(
     include_stop: bool = False,
     stream: Optional[Callable[[str], None]] = None,
     use_cuda_graph: bool = True,
+    rollback: str = "deferred",
 ):
     """One sequence: (state (1 row), logits (1, V)) of the target and the drafter after the prompt ->
     (bytes, final target state, final target logits (1, V), stop reason, SpeculativeStats)."""
@@ -153,13 +159,16 @@ def speculative_decode(
     utf8 = Utf8Stream() if stream is not None else None
     runner = get_step_runner(drafter, 1, use_cuda_graph)
     runner.load(draft_state)
+    if rollback not in ("deferred", "rerun"):
+        raise MambaByteError(f"rollback must be 'deferred' or 'rerun', got {rollback!r}")
+    max_deferred = max(8, 2 * k_max) if rollback == "deferred" else 1
     out = bytearray()
-    S = state  # consumed: prompt + out[:pos_S]; the pending byte out[pos_S] (if any) is not consumed
+    S = state  # the target has consumed prompt + out[:pos_S]
     pos_S = 0
-    pend: Optional[int] = None
-    P_first = logits  # target logits at S when there is no pending byte
+    deferred: List[int] = []  # out[pos_S:]: emitted, not yet in S (the last one is the pending byte)
+    P_first = logits  # target logits at S while nothing is deferred
     Q_first = draft_logits
-    snaps: collections.deque = collections.deque([(0, S, logits)])  # (pos, state, logits at state or None)
+    snaps: collections.deque = collections.deque([(0, S, logits)])  # (pos, state, target logits at state)
     final_len: Optional[int] = None
     reason = "length"
     while len(out) < n:
@@ -170,12 +179,12 @@ def speculative_decode(
         d_snaps: List[MambaState] = []
         qs: List[Tensor] = []
         xs: List[Tensor] = []
-        if pend is not None:
-            qlog = runner(torch.tensor([pend], device=dev))
+        if deferred:
+            qlog = runner(torch.tensor([deferred[-1]], device=dev))  # the drafter steps the pending byte
         else:
             qlog = Q_first
         for j in range(kk):
-            d_snaps.append(runner.state.clone())  # drafter after [pend, x_0 .. x_{j-1}]
+            d_snaps.append(runner.state.clone())  # drafter after [pending, x_0 .. x_{j-1}]
             q = _probs(qlog, params)[0]
             x = sample_from_probs(q.unsqueeze(0), generator)
             qs.append(q)
@@ -184,38 +193,39 @@ def speculative_decode(
                 qlog = runner(x)
         _sync(dev)
         t1 = time.perf_counter()
-        # -- verify: one resumed scan ------------------------------------------------------------------
+        # -- verify: one resumed scan over [deferred bytes, drafts] from S ----------------------------------
         x_all = torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=dev)
-        ids = torch.cat([torch.tensor([pend], device=dev), x_all]) if pend is not None else x_all
+        nd = len(deferred)
+        ids = torch.cat([torch.tensor(deferred, device=dev), x_all]) if nd else x_all
+        vout = None
         if ids.numel():
             vout = target(ids.unsqueeze(0), state=S, return_state=True)
             vlog = vout.logits[0].float()
-            plog = vlog if pend is not None else torch.cat([P_first.float(), vlog], 0)
+            plog = vlog[nd - 1 :] if nd else torch.cat([P_first.float(), vlog], 0)
         else:
-            vout = None
             plog = P_first.float()
-        p = _probs(plog, params)  # (kk + 1, V)
+        p = _probs(plog, params)  # (kk + 1, V): p_0 .. p_kk
         q_all = torch.stack(qs) if qs else torch.zeros(0, p.shape[-1], device=dev)
         a, y = speculative_accept(p, q_all, x_all, generator)
         t2 = time.perf_counter()
         # -- roll back / advance ------------------------------------------------------------------------
-        accepted = x_all[:a].tolist()
-        new = accepted + [y]
+        new = x_all[:a].tolist() + [y]
+        out.extend(new)
         if a == kk and vout is not None:
-            S = vout.state  # consumed [pend, x_0 .. x_{kk-1}]
-        elif ids.numel() and (a + (1 if pend is not None else 0)) > 0:
-            keep_ids = ids[: a + (1 if pend is not None else 0)]
-            S = target(keep_ids.unsqueeze(0), state=S, return_state=True).state
-        # else: nothing consumed (no pending byte, first draft rejected): S unchanged
-        pos_S = len(out) + a  # everything before y
-        p_at_y = plog[a : a + 1]  # target logits at S (the distribution y was drawn from)
+            S, pos_S, deferred = vout.state, len(out) - 1, [y]  # everything but y consumed
+            snaps.append((pos_S, S, plog[kk : kk + 1]))
+        else:
+            deferred = deferred + new
+            if len(deferred) > max_deferred:
+                # resume S over the accepted bytes now (the snapshot S was never modified)
+                S = target(torch.tensor([deferred[:-1]], device=dev), state=S, return_state=True).state
+                pos_S, deferred = len(out) - 1, [y]
+                snaps.append((pos_S, S, plog[a : a + 1]))
         if kk > 0:
             if a < kk:
                 runner.load(d_snaps[a])
-            elif a == kk:
+            else:
                 runner(x_all[kk - 1 : kk])  # the drafter had not consumed the last draft yet
-        out.extend(new)
-        pend = y
         P_first = Q_first = None
         t3 = time.perf_counter()
         st.verifications += 1
@@ -227,12 +237,11 @@ def speculative_decode(
         st.rollback_s += t3 - t2
         st.draft_len_history.append(kk)
         st.accepted_history.append(a)
-        if matcher:
-            snaps.append((pos_S, S, p_at_y))
-            while len(snaps) >= 2 and snaps[1][0] <= pos_S - matcher.max_len:
-                snaps.popleft()
-        else:
-            snaps = collections.deque([(pos_S, S, p_at_y)])
+        lookback = matcher.max_len if matcher else 0
+        # the final state starts from the latest snapshot at or before the returned length, which can
+        # no longer fall below len(out) - lookback: older snapshots are not needed
+        while len(snaps) >= 2 and snaps[1][0] <= len(out) - lookback:
+            snaps.popleft()
         if adaptive and kk > 0:
             if a == kk:
                 k = min(k_max, k + 1)
@@ -279,7 +288,7 @@ def speculative_decode(
 def speculative_generate(
     model, draft_model, feed, st, lg, max_new_bytes, params: SamplingParams, stops=(), include_stop=False,
     generator=None, stream=None, draft_len=4, adaptive=False, draft_state=None, stats=None, bos=b"\n",
-    prompts_given=None, use_cuda_graph: bool = True,
+    prompts_given=None, use_cuda_graph: bool = True, rollback: str = "deferred",
 ):
     """``generate(..., draft_model=D)``: prefill the drafter, then decode each sequence speculatively."""
     from .core import GenerationResult
@@ -326,7 +335,7 @@ def speculative_generate(
             b, s, l, r, sst = speculative_decode(
                 model, draft_model, st.select(i), lg[i : i + 1], dst.select(i), dl[i : i + 1], max_new_bytes, params,
                 draft_len=draft_len, adaptive=adaptive, generator=generator, stops=stops, include_stop=include_stop,
-                stream=cb, use_cuda_graph=use_cuda_graph,
+                stream=cb, use_cuda_graph=use_cuda_graph, rollback=rollback,
             )
             seqs.append(b)
             states.append(s)
@@ -345,7 +354,7 @@ def speculative_generate(
     stats.prefill_s += draft_prefill_s
     stats.steps = max(len(s) for s in seqs)
     stats.new_bytes = sum(len(s) for s in seqs)
-    stats.speculative = dict(total.to_dict(), adaptive=adaptive, draft_prefill_s=draft_prefill_s)
+    stats.speculative = dict(total.to_dict(), adaptive=adaptive, draft_prefill_s=draft_prefill_s, rollback=rollback)
     return GenerationResult(seqs, state, torch.cat(logits_out, 0), stats, reasons, list(prompts_given or feed))
 
 
