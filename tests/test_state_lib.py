@@ -12,6 +12,14 @@ from mambabyte.errors import MambaByteError, StateError
 from mambabyte.statelib import StateLibrary, read_state_file, resolve_state_path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared CI)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBABYTE_HOME", str(tmp_path / "home"))
@@ -51,7 +59,7 @@ def test_continuing_from_saved_state_is_bit_exact(tiny_model, tmp_path):
     assert c.bytes == d.bytes and c.state.equal(d.state)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("chunk", [3, 64, 10_000])
 def test_build_state_in_chunks_equals_one_pass(tiny_model, tmp_path, chunk):
     a, b = b"First file. " * 9, "second \u00e9 file\n".encode() * 5
     (tmp_path / "a.txt").write_bytes(a)
