@@ -120,6 +120,8 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # NVLink multicast (NVLS) stays off unless asked for: it has hung collectives on shared hosts
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         created = True
     return DistInfo(rank, world, local, device, created)
@@ -582,6 +584,8 @@ class Trainer:
                 row = {"step": step, "loss": loss_val, "bpb": loss_val / LN2, "lr": lr, "grad_norm": gn,
                        "bytes_per_s": G * L / dt, "bytes_seen": self.bytes_seen, "elapsed_s": round(elapsed, 3),
                        "epoch": round(step * G / getattr(self.sampler, "windows_per_epoch", max(1, len(self.train_data) // L)), 4)}
+                if self.device.type == "cuda":
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
                 self.metrics.write(row)
                 if self.bar is not None:
                     self.bar.update(step - self.bar.n)
