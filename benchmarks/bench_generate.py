@@ -9,8 +9,8 @@ GPU (default shapes 353M and 972M, bf16, random weights -- speed does not depend
   weight bytes (copy bandwidth measured here, on the same GPU);
 * prefill of 8192 bytes at batch 1 (ms).
 
-CPU: bytes/s of the ``small`` preset (the shipped small model's shape) in fp32 at batch 1 with
-``--cpu_threads`` threads (default 2).
+CPU: bytes/s of the shipped small model (``mambabyte-small``; its 384 x 7 shape with random weights
+when it is not installed) in fp32 at batch 1 with 1 and 2 threads (``--cpu_threads``).
 
 Prints a table and writes every number to ``--json PATH``; the JSON is rewritten after each
 measurement, so a run cut short still leaves what it measured.
@@ -166,17 +166,38 @@ def bench_gpu(args):
         torch.cuda.empty_cache()
 
 
+def cpu_model(spec: str):
+    """A preset name, 'DxN' (d_model x n_layer, random weights), or a checkpoint path / shipped name.
+    'shipped' = the shipped mambabyte-small if present, else its shape (384x7) with random weights."""
+    import re
+
+    from mambabyte.config import PRESETS, MambaByteConfig
+    from mambabyte.io import list_shipped_models, load_pretrained
+
+    if spec == "shipped":
+        spec = "mambabyte-small" if "mambabyte-small" in list_shipped_models() else "384x7"
+    if spec in PRESETS:
+        return make_model(spec, torch.device("cpu"), torch.float32), f"{spec} (random weights)"
+    m = re.fullmatch(r"(\d+)x(\d+)", spec)
+    if m:
+        torch.manual_seed(0)
+        cfg = MambaByteConfig(d_model=int(m.group(1)), n_layer=int(m.group(2)))
+        return MambaByteLM(cfg).eval(), f"{spec} (random weights)"
+    return load_pretrained(spec, device="cpu", dtype=torch.float32).eval(), spec
+
+
 def bench_cpu(args):
-    torch.set_num_threads(args.cpu_threads)
-    RESULTS["meta"].update(cpu=platform.processor() or platform.machine(), cpu_threads=args.cpu_threads,
+    RESULTS["meta"].update(cpu=platform.processor() or platform.machine(),
                            loadavg_before_cpu=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    for preset in args.cpu_shapes:
-        m = make_model(preset, torch.device("cpu"), torch.float32)
-        r = decode_rate(m, 1, args.cpu_decode_bytes, graph=False, warm=8)
-        RESULTS["cpu"].append({"shape": preset, "dtype": "fp32", "params": m.num_parameters(), "batch": 1,
-                               "threads": args.cpu_threads, **r,
-                               "prefill_ms_1024": prefill_ms(m, 1024, 1)})
-        _dump(args.json)
+    for spec in args.cpu_shapes:
+        m, label = cpu_model(spec)
+        for threads in args.cpu_threads:
+            torch.set_num_threads(threads)
+            r = decode_rate(m, 1, args.cpu_decode_bytes, graph=False, warm=8)
+            RESULTS["cpu"].append({"shape": label, "dtype": "fp32", "params": m.num_parameters(), "batch": 1,
+                                   "threads": threads, **r, "prefill_ms_1024": prefill_ms(m, 1024, 1),
+                                   "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None})
+            _dump(args.json)
 
 
 def print_table():
@@ -199,7 +220,7 @@ def print_table():
                 anc = ANCHOR_PREFILL_MS.get(s) if n == "8192" else None
                 print(f"{s:<6} {'prefill ' + n + ' B, ms':<34} {ms:>12.1f} {anc or '':>10} {(anc / ms) if anc else 0:>6.2f}")
     for row in RESULTS["cpu"]:
-        print(f"CPU {row['shape']} fp32 batch 1, {row['threads']} threads: {row['bytes_per_s']:.1f} B/s decode; "
+        print(f"CPU {row['shape']} fp32 batch 1, {row['threads']} thread(s): {row['bytes_per_s']:.1f} B/s decode; "
               f"prefill 1024 B {row['prefill_ms_1024']:.0f} ms")
 
 
@@ -217,8 +238,9 @@ def main(argv=None):
     p.add_argument("--skip_eager", action="store_true")
     p.add_argument("--cpu_only", action="store_true")
     p.add_argument("--skip_cpu", action="store_true")
-    p.add_argument("--cpu_shapes", nargs="+", default=["small"])
-    p.add_argument("--cpu_threads", type=int, default=2)
+    p.add_argument("--cpu_shapes", nargs="+", default=["shipped"],
+                   help="presets, DxN shapes, checkpoints; 'shipped' = mambabyte-small or its 384x7 shape")
+    p.add_argument("--cpu_threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cpu_decode_bytes", type=int, default=256)
     args = p.parse_args(argv)
     RESULTS["meta"].update(torch=torch.__version__, cuda=torch.version.cuda, argv=sys.argv[1:],

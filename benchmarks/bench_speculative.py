@@ -13,8 +13,12 @@ Two parts, each optional:
    part 1 when given, else ``--alphas``), using the i.i.d.-acceptance model:
 
        bytes per verification  E(k, a) = (1 - a^(k+1)) / (1 - a)
-       time per verification   T = k t_draft + t_verify(k+1) + (1 - a^k) t_verify(~E) + t_sync
+       time per verification   rerun:    T = k t_draft + t_verify(k+1) + (1 - a^k) t_verify(~E) + t_sync
+                               deferred: T = k t_draft + t_verify(k+1+d) + t_sync,
+                                         d = (1 - a^k) E  (bytes carried into the next call)
        projected speedup       E t_step / T
+
+   ``--costs_json FILE`` recomputes the projection from the costs of an earlier run (no GPU needed).
 
 Prints tables and writes JSON to ``--json`` (rewritten after each measurement).
 """
@@ -160,6 +164,42 @@ def sync_time(dev, n=200):
     return (time.perf_counter() - t) / n
 
 
+def _interp(tv, L):
+    """Verify time at length L from the measured lengths (linear between, flat beyond)."""
+    xs = sorted(tv)
+    if L <= xs[0]:
+        return tv[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if a <= L <= b:
+            return tv[a] + (tv[b] - tv[a]) * (L - a) / (b - a)
+    return tv[xs[-1]] * L / xs[-1] if L > xs[-1] else tv[xs[-1]]
+
+
+def project(row, ks, alphas, out):
+    """Projected speedups from one cost row (times in ms) for both rollback modes."""
+    tv = {int(L): v for L, v in row["t_verify_ms"].items()}
+    t_step, t_draft, t_sync = row["t_step_ms"], row["t_draft_step_ms"], row["t_sync_ms"]
+    for k in ks:
+        for a in alphas:
+            E = (k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+            t_rerun = k * t_draft + _interp(tv, k + 1) + (1 - a ** k) * _interp(tv, max(1, round(E))) + t_sync
+            d = (1 - a ** k) * E
+            t_def = k * t_draft + _interp(tv, k + 1 + d) + t_sync
+            out.append({"shape": row["shape"], "k": k, "alpha": a, "bytes_per_verification": E,
+                        "ms_per_verification_rerun": t_rerun, "speedup_rerun": E * t_step / t_rerun,
+                        "ms_per_verification_deferred": t_def, "speedup_deferred": E * t_step / t_def})
+
+
+def print_projection(shapes, ks, alphas):
+    for mode in ("deferred", "rerun"):
+        print(f"projected speedup, rollback={mode}")
+        print(f"{'shape':<6} {'k':>3} " + " ".join(f"a={a:<5}" for a in alphas))
+        for shape in shapes:
+            for k in ks:
+                cells = [p for p in RESULTS["projection"] if p["shape"] == shape and p["k"] == k]
+                print(f"{shape:<6} {k:>3} " + " ".join(f"{p['speedup_' + mode]:>6.2f}x" for p in cells))
+
+
 def cost_model(args):
     dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "bf16"]
@@ -184,23 +224,12 @@ def cost_model(args):
         _dump(args.json)
         print(f"{shape}: step {t_step * 1e3:.3f} ms (graph), drafter step {t_draft * 1e3:.3f} ms, "
               f"verify " + ", ".join(f"L={L} {v * 1e3:.2f} ms" for L, v in tv.items()))
-        for k in args.ks:
-            for a in alphas:
-                E = (k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-                Lr = min(k + 1, max(1, int(round(E))))
-                t_rerun = tv.get(Lr) or verify_time(m, Lr)
-                T = k * t_draft + tv[k + 1] + (1 - a ** k) * t_rerun + t_sync
-                RESULTS["projection"].append({"shape": shape, "k": k, "alpha": a, "bytes_per_verification": E,
-                                              "ms_per_verification": T * 1e3, "speedup": E * t_step / T})
+        project(row, args.ks, alphas, RESULTS["projection"])
         _dump(args.json)
         del m
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"{'shape':<6} {'k':>3} " + " ".join(f"a={a:<5}" for a in alphas))
-    for shape in args.shapes:
-        for k in args.ks:
-            cells = [p for p in RESULTS["projection"] if p["shape"] == shape and p["k"] == k]
-            print(f"{shape:<6} {k:>3} " + " ".join(f"{p['speedup']:>6.2f}x" for p in cells))
+    print_projection(args.shapes, args.ks, alphas)
 
 
 def main(argv=None):
@@ -218,6 +247,7 @@ def main(argv=None):
     p.add_argument("--ks", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="random-weight shapes for the cost model (GPU)")
     p.add_argument("--drafter_shape", default="draft")
+    p.add_argument("--costs_json", default=None, help="recompute projections from this earlier --json output")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
     args = p.parse_args(argv)
@@ -230,7 +260,16 @@ def main(argv=None):
         measure_pair(args)
     if args.shapes:
         cost_model(args)
-    if not (args.target or args.shapes):
+    if args.costs_json:
+        with open(args.costs_json) as f:
+            old = json.load(f)
+        RESULTS["cost"] = old["cost"]
+        RESULTS["meta"]["costs_from"] = {"file": args.costs_json, **old.get("meta", {})}
+        alphas = sorted({round(r["acceptance_rate"], 3) for r in RESULTS["measured"]}) or args.alphas
+        for row in RESULTS["cost"]:
+            project(row, args.ks, alphas, RESULTS["projection"])
+        print_projection([r["shape"] for r in RESULTS["cost"]], args.ks, alphas)
+    if not (args.target or args.shapes or args.costs_json):
         p.error("nothing to do: give --target/--drafter and/or --shapes")
     _dump(args.json)
     return 0
