@@ -356,6 +356,10 @@ class Trainer:
         ck = None
         if cfg.resume:
             path = latest_checkpoint(self.out_dir) if cfg.resume is True else Path(str(cfg.resume))
+            if path is not None and path.is_dir():  # a run folder (or its checkpoints/ folder)
+                path = latest_checkpoint(path) or latest_checkpoint(path.parent if path.name == "checkpoints" else path)
+                if path is None:
+                    raise MambaByteError(f"--resume: no step checkpoint in {str(cfg.resume)!r}")
             if path is None:
                 raise MambaByteError(f"--resume: no checkpoint to resume in {str(self.out_dir / 'checkpoints')!r}")
             ck = load_checkpoint(path)
