@@ -221,3 +221,23 @@ def test_speculative_on_cuda_matches_plain_greedy():
         spec = t.generate("cuda spec", max_new_bytes=48, temperature=0, draft_model=d, draft_len=4, use_cuda_graph=graph)
         assert spec.bytes == plain.bytes
         assert spec.state.allclose(plain.state, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_speculative_stats(target, tmp_path, capsysbinary):
+    from mambabyte.cli import generate as gen_cli
+
+    target.save_pretrained(tmp_path / "t")
+    perturbed(target, 0.05).save_pretrained(tmp_path / "d")
+    argv = ["--model", str(tmp_path / "t"), "--prompt", "cli spec", "--max_new_bytes", "24", "--temperature", "0",
+            "--raw", "--speculative", "--drafter", str(tmp_path / "d"), "--draft_len", "4", "--adaptive", "--stats"]
+    assert gen_cli.main(argv) == 0
+    out, err = capsysbinary.readouterr()
+    assert out[:-1] == target.generate("cli spec", max_new_bytes=24, temperature=0).bytes
+    err = err.decode()
+    assert "acceptance" in err and "speedup" in err and "accepted bytes / verification" in err
+    with pytest.raises(SystemExit) as e:
+        gen_cli.main(["--model", str(tmp_path / "t"), "--prompt", "x", "--drafter", str(tmp_path / "d")])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        gen_cli.main(["--model", str(tmp_path / "t"), "--prompt", "x", "--speculative", "--drafter", str(tmp_path / "nope")])
+    assert e.value.code == 2
