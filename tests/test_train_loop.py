@@ -207,3 +207,23 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, capsys):
     assert train_main(args + ["--overwrite", "true"]) == 0
     assert [p.name for p in list_checkpoints(tmp_path / "old")] == ["step_000001.pt"]
     assert [r["step"] for r in rows(tmp_path / "old")] == [1]
+
+
+def test_train_on_prepared_folder_uses_its_val_split(tmp_path):
+    from mambabyte.data import prepare_data
+
+    prepare_data([str(DATA / "train")], tmp_path / "shards", val_sources=[str(DATA / "val")])
+    res = train(base(tmp_path, "prep", data=[str(tmp_path / "shards")], max_steps=2, eval_bytes=None,
+                     eval_seq_len=512, eval_streams=32, eval_mode="carried"))
+    fe = res.final_eval
+    assert fe["val_bytes"] > 29_000  # the whole val.bin was scored
+    assert fe["val_words"] == len((DATA / "val" / "shakespeare_tempest_excerpt.txt").read_bytes().split())
+    assert fe["val_word_ppl"] == pytest.approx(2 ** (fe["val_bpb"] * 29_991 / fe["val_words"]), rel=1e-9)
+
+
+def test_training_does_not_import_generation_or_analysis():
+    code = ("import sys, mambabyte.training, mambabyte.cli.train, mambabyte.cli.evaluate; "
+            "bad = [m for m in sys.modules if m.startswith(('mambabyte.generation', 'mambabyte.analysis'))]; "
+            "assert not bad, bad")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-1000:]
