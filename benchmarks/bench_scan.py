@@ -108,15 +108,16 @@ def bench_scan_shape(b, d, L, n, h0=False):
 
 
 FWD_VARIANTS = [
-    dict(fwd_pair=1, fwd_min_blocks=1),
-    dict(fwd_pair=0, fwd_min_blocks=1),
-    dict(fwd_pair=1, fwd_min_blocks=4),
+    dict(fwd_states=2, fwd_min_blocks=1),
+    dict(fwd_states=1, fwd_min_blocks=1),
+    dict(fwd_states=4, fwd_min_blocks=1),
+    dict(fwd_states=2, fwd_min_blocks=4),
 ]
 BWD_VARIANTS = [
-    dict(bwd_warps=4, bwd_min_blocks=1),
-    dict(bwd_warps=4, bwd_min_blocks=2),
-    dict(bwd_warps=8, bwd_min_blocks=1),
-    dict(bwd_warps=8, bwd_min_blocks=2),
+    dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0),
+    dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1),
+    dict(bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=1),
+    dict(bwd_warps=8, bwd_min_blocks=1, bwd_lane_acc=0),
 ]
 
 

@@ -231,6 +231,9 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
   float* accC = smem + 3 * nwarps * N + warp * N;
   float* xch0 = smem + ((4 * nwarps * N + 3) & ~3);
   BE* stage = reinterpret_cast<BE*>(xch0 + 4 * nwarps * kScanChunk);  // [2][2][N][kScanChunk] when kStage
+  // per-lane dA partials [nwarps][N][32] (staged launches with p.bwd_lane_acc): no warp reduction per n
+  const bool lane_acc = kStage && p.bwd_lane_acc;
+  float* laneA = reinterpret_cast<float*>(stage + 2 * 2 * N * kScanChunk) + (long)warp * N * 32 + lane;
 
   const long bd = (long)bi * p.dim + ch;
   const long row = bd * L;
@@ -255,6 +258,8 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
     accB[n] = 0.f;
     accC[n] = 0.f;
   }
+  if (lane_acc)
+    for (int n = 0; n < N; ++n) laneA[n * 32] = 0.f;
   __syncwarp();
   const float Dv = p.D ? p.D[ch] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[ch] : 0.f;
@@ -405,7 +410,12 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
         qnext = Q;
       }
       const float cqnew = __shfl_sync(kFullMask, qs, 0);
-      gA = warp_sum(gA);
+      if (lane_acc) {
+        laneA[n * 32] += gA;
+        gA = 0.f;
+      } else {
+        gA = warp_sum(gA);
+      }
       if (!p.B_var) gB = warp_sum(gB);
       if (!p.C_var) gC = warp_sum(gC);
       if (lane == 0) {
@@ -471,6 +481,13 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
     if constexpr (kStage) __syncthreads();  // everyone is done with this stage before it is refilled
   }
   __syncwarp();
+  if (lane_acc) {
+    for (int n = 0; n < N; ++n) {
+      const float v = warp_sum(laneA[n * 32]);
+      if (lane == 0) accA[n] += v;
+    }
+    __syncwarp();
+  }
   for (int n = lane; n < N; n += 32) {
     p.dh0[bd * N + n] = carry[n];
     p.dA_part[bd * N + n] = accA[n];
@@ -520,13 +537,14 @@ void scan_fwd_go(ScanParams& p, cudaStream_t s) {
 }
 
 // Tuning variants are compiled for the hot case only (16-bit inputs with B / C in the same dtype):
-// fwd_pair = 0 (one state per n iteration); fwd_min_blocks = 4 (registers capped at 128).
+// fwd_states = 1 or 4 (states per n iteration); fwd_min_blocks = 4 (registers capped at 128).
 // Default: 8 items, two states per iteration when B / C are staged, no register cap. (16 items per
 // thread measured 1.28x slower on an H100, 2026-11-23, and is no longer compiled.)
 template <typename E, typename BE>
 void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
-    if (!p.fwd_pair) return scan_fwd_go<E, BE, 8, 1, 1>(p, s);
+    if (p.fwd_states == 1) return scan_fwd_go<E, BE, 8, 1, 1>(p, s);
+    if (p.fwd_states == 4) return scan_fwd_go<E, BE, 8, 1, 4>(p, s);
     if (p.fwd_min_blocks == 4) return scan_fwd_go<E, BE, 8, 4, 2>(p, s);
   }
   p.items = 8;
@@ -539,7 +557,8 @@ void scan_bwd_go(ScanParams& p, cudaStream_t s) {
   dim3 grid(p.dim / nw, p.batch);
   const size_t base = sizeof(float) * (((4 * nw * p.dstate + 3) & ~3) + 4 * nw * kScanChunk);
   if (scan_can_stage<BE>(p, kScanChunk)) {
-    const size_t sm = base + 2 * 2 * (size_t)p.dstate * kScanChunk * sizeof(BE);
+    const size_t sm = base + 2 * 2 * (size_t)p.dstate * kScanChunk * sizeof(BE) +
+                      (p.bwd_lane_acc ? sizeof(float) * nw * p.dstate * 32 : 0);
     scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true>, sm);
     scan_bwd_kernel<E, BE, kMinBlocks, true><<<grid, nw * 32, sm, s>>>(p);
   } else {

@@ -376,14 +376,15 @@ def test_mamba_decode_step(dtype, poison):
 # ------------------------------------------------------------------ tuning variants
 
 VARIANTS = [
-    dict(fwd_pair=1, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2),
-    dict(fwd_pair=0, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=1),
-    dict(fwd_pair=1, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1),
-    dict(fwd_pair=0, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2),
+    dict(fwd_states=2, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0),
+    dict(fwd_states=1, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=1, bwd_lane_acc=1),
+    dict(fwd_states=2, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1, bwd_lane_acc=0),
+    dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=0),
+    dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1),
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "pair{fwd_pair}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}".format(**v))
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "s{fwd_states}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}l{bwd_lane_acc}".format(**v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_scan_variants(variant, dtype, poison, monkeypatch):
     """Every compiled kernel variant: forward, resume across an odd cut, and all gradients."""
