@@ -11,6 +11,8 @@ draft_min=${4:-3}
 sub_min=${5:-2}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
+# run from a source checkout without installing: the repo root on the path
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 python -m mambabyte train --config scripts/configs/mambabyte_small.yml --data "$corpus/train" \
   --val_data "$corpus/val" --out_dir "$out/runs/mambabyte-small" --export_dir "$out/mambabyte-small" \
   --max_time "$small_min" --set progress=off > "$out/logs/small.log" 2>&1 &
