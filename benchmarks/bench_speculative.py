@@ -89,7 +89,8 @@ def measure_pair(args):
             acc = drafted = ver = emitted = 0
             rates, same = [], 0
             for i, pr in enumerate(prompts):
-                r = generate(T, pr, max_new_bytes=args.new_bytes, temperature=temp, seed=i, draft_model=D, draft_len=k)
+                r = generate(T, pr, max_new_bytes=args.new_bytes, temperature=temp, seed=i, draft_model=D, draft_len=k,
+                             verify_cuda_graph=args.verify_cuda_graph)
                 sp = r.stats.speculative
                 acc += sp["accepted"]
                 drafted += sp["drafted"]
@@ -139,16 +140,20 @@ def step_time(m, graph=True, n=200):
 
 
 @torch.no_grad()
-def verify_time(m, L, reps=5):
+def verify_time(m, L, reps=5, graph=False):
+    """One verification call over L bytes from a state: eager forward, or its CUDA-graph replay."""
+    from mambabyte.generation.cuda_graph import ForwardRunner
+
     dev = m.device
     st = m(torch.tensor([list(b"warm up the state")], device=dev), return_state=True).state
-    ids = torch.randint(32, 127, (1, L), device=dev)
-    m(ids, state=st, return_state=True)
+    ids = torch.randint(32, 127, (L,), device=dev)
+    fwd = ForwardRunner(m, use_cuda_graph=graph)
+    fwd(ids, st)
     ts = []
     for _ in range(reps):
         _sync(dev)
         t = time.perf_counter()
-        m(ids, state=st, return_state=True)
+        fwd(ids, st)
         _sync(dev)
         ts.append(time.perf_counter() - t)
     return _median(ts)
@@ -216,10 +221,10 @@ def cost_model(args):
         m = make_model(shape, dev, dtype)
         t_step = step_time(m)
         lens = sorted({k + 1 for k in args.ks} | {1, 2, 3, 5})
-        tv = {L: verify_time(m, L) for L in lens}
+        tv = {L: verify_time(m, L, graph=args.verify_cuda_graph) for L in lens}
         row = {"shape": shape, "dtype": args.dtype or "bf16", "drafter_shape": args.drafter_shape,
                "t_step_ms": t_step * 1e3, "t_draft_step_ms": t_draft * 1e3, "t_sync_ms": t_sync * 1e3,
-               "t_verify_ms": {str(L): v * 1e3 for L, v in tv.items()}}
+               "t_verify_ms": {str(L): v * 1e3 for L, v in tv.items()}, "verify_cuda_graph": args.verify_cuda_graph}
         RESULTS["cost"].append(row)
         _dump(args.json)
         print(f"{shape}: step {t_step * 1e3:.3f} ms (graph), drafter step {t_draft * 1e3:.3f} ms, "
@@ -247,6 +252,7 @@ def main(argv=None):
     p.add_argument("--ks", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="random-weight shapes for the cost model (GPU)")
     p.add_argument("--drafter_shape", default="draft")
+    p.add_argument("--verify_cuda_graph", action="store_true", help="verification calls replayed from CUDA graphs")
     p.add_argument("--costs_json", default=None, help="recompute projections from this earlier --json output")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])

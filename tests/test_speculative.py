@@ -217,10 +217,13 @@ def test_speculative_on_cuda_matches_plain_greedy():
     t = MambaByteLM.from_preset("tiny", device="cuda").eval()
     d = perturbed(t, 0.05)
     plain = t.generate("cuda spec", max_new_bytes=48, temperature=0)
-    for graph in (True, False):
-        spec = t.generate("cuda spec", max_new_bytes=48, temperature=0, draft_model=d, draft_len=4, use_cuda_graph=graph)
+    for graph, vgraph, rollback in ((True, False, "deferred"), (False, False, "rerun"), (True, True, "deferred"),
+                                    (True, True, "rerun")):
+        spec = t.generate("cuda spec", max_new_bytes=48, temperature=0, draft_model=d, draft_len=4, use_cuda_graph=graph,
+                          verify_cuda_graph=vgraph, speculative_rollback=rollback)
         assert spec.bytes == plain.bytes
         assert spec.state.allclose(plain.state, rtol=1e-4, atol=1e-5)
+        assert spec.stats.speculative["verify_cuda_graph"] == vgraph
 
 
 def test_cli_speculative_stats(target, tmp_path, capsysbinary):

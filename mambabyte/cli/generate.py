@@ -59,6 +59,8 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("--drafter", default=None, help="a small byte-level MambaByte checkpoint (or preset via --drafter_id)")
     sp.add_argument("--drafter_id", default=None, help="preset name for a drafter checkpoint without config")
     sp.add_argument("--draft_len", type=int, default=4, help="bytes drafted per verification (default 4)")
+    sp.add_argument("--graph_verify", action="store_true",
+                    help="replay verification calls from CUDA graphs (GPU; experimental, not yet run on a GPU)")
     sp.add_argument("--adaptive", action="store_true", help="grow draft_len on full acceptance, shrink on early rejection")
     return p
 
@@ -161,7 +163,8 @@ def _gen_kwargs(args, drafter):
         use_cuda_graph=not args.no_cuda_graph,
     )
     if drafter is not None:
-        kw.update(draft_model=drafter, draft_len=args.draft_len, adaptive_draft=args.adaptive)
+        kw.update(draft_model=drafter, draft_len=args.draft_len, adaptive_draft=args.adaptive,
+                  verify_cuda_graph=args.graph_verify)
     return kw
 
 
@@ -177,8 +180,8 @@ def main(argv: Optional[list] = None) -> int:
         raise MambaByteError("--interactive works with one sample (--num_samples 1)")
     if args.speculative and args.num_samples != 1:
         raise MambaByteError("--speculative decodes one sequence at a time (--num_samples 1)")
-    if (args.drafter or args.adaptive) and not args.speculative:
-        raise MambaByteError("--drafter / --adaptive need --speculative")
+    if (args.drafter or args.adaptive or args.graph_verify) and not args.speculative:
+        raise MambaByteError("--drafter / --adaptive / --graph_verify need --speculative")
     save_target = _save_target(args.save_state) if args.save_state else None
     prompt = read_prompt(args, allow_empty=bool(args.state) or args.interactive)
 
@@ -238,7 +241,8 @@ def _speedup(model, prompt, state, logits, result, kw) -> None:
     from ..generation import generate
 
     n = max(len(s) for s in result.sequences)
-    plain_kw = {k: v for k, v in kw.items() if k not in ("draft_model", "draft_len", "adaptive_draft", "stop")}
+    plain_kw = {k: v for k, v in kw.items()
+                if k not in ("draft_model", "draft_len", "adaptive_draft", "verify_cuda_graph", "stop")}
     plain_kw["max_new_bytes"] = n
     plain = generate(model, prompt, state=state, logits=logits, seed=0, **plain_kw)
     sp, pl = result.stats.decode_bytes_per_s, plain.stats.decode_bytes_per_s

@@ -208,6 +208,7 @@ def generate(
     adaptive_draft: bool = False,
     draft_state: Optional[MambaState] = None,
     speculative_rollback: str = "deferred",
+    verify_cuda_graph: bool = False,
 ) -> GenerationResult:
     """Generate bytes from a MambaByte model.
 
@@ -228,8 +229,8 @@ def generate(
             sequence, ``stream(text, index)`` for several. Stop strings never reach it.
         use_cuda_graph: capture the decode step in a CUDA graph on GPU (ignored on CPU).
         sync_every: host syncs (stop checks, streaming) every this many bytes (default 1 on CPU, 16 on GPU).
-        draft_model / draft_len / adaptive_draft / draft_state / speculative_rollback: speculative decoding
-            with a byte-level drafter (see :mod:`mambabyte.generation.speculative`).
+        draft_model / draft_len / adaptive_draft / draft_state / speculative_rollback / verify_cuda_graph:
+            speculative decoding with a byte-level drafter (see :mod:`mambabyte.generation.speculative`).
 
     Returns a :class:`GenerationResult`.
     """
@@ -285,7 +286,7 @@ def generate(
                 generator=generator, stream=_stream_adapter(stream, n_seq), draft_len=draft_len,
                 adaptive=adaptive_draft, draft_state=draft_state, stats=stats, bos=bos_b,
                 prompts_given=[p for p in prompts for _ in range(num_samples)], use_cuda_graph=use_cuda_graph,
-                rollback=speculative_rollback,
+                rollback=speculative_rollback, verify_cuda_graph=verify_cuda_graph,
             )
         penalties = PenaltyState.create(feed, dev) if params.uses_penalties else None
         out = decode_n(

@@ -74,6 +74,79 @@ class GraphedStep:
         return self.logits
 
 
+class EagerForward:
+    """``model(ids, state=S, return_state=True)`` for one stream: ids (L,) -> (logits (L, V), new state)."""
+
+    uses_cuda_graph = False
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, ids: Tensor, state: MambaState):
+        out = self.model(ids.unsqueeze(0), state=state, return_state=True)
+        return out.logits[0], out.state
+
+
+class GraphedForward:
+    """The resumable forward over a fixed number of bytes L (batch 1), captured in a CUDA graph.
+
+    ``__call__(ids (L,), state)`` copies both into static buffers, replays, and returns copies of the
+    logits (L, V) and of the new state, so results outlive the next replay. Used for speculative
+    verification, where the eager forward's per-call host work costs far more than its kernels.
+    """
+
+    uses_cuda_graph = True
+
+    def __init__(self, model, length: int, warmup: int = 2) -> None:
+        dev = model.device
+        self.length = length
+        self.ids = torch.full((1, length), 32, dtype=torch.long, device=dev)
+        self.state_in = model.allocate_state(1, device=dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                model(self.ids, state=self.state_in, return_state=True)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            out = model(self.ids, state=self.state_in, return_state=True)
+        self.logits, self.state_out = out.logits[0], out.state
+
+    def __call__(self, ids: Tensor, state: MambaState):
+        self.ids.copy_(ids.view(1, -1))
+        self.state_in.copy_(state)
+        self.graph.replay()
+        new = MambaState(self.state_out.conv.clone(), self.state_out.ssm.clone(), state.bytes_consumed + self.length)
+        return self.logits.clone(), new
+
+
+class ForwardRunner:
+    """Resumable forwards of any length for one stream: a CUDA graph per length (captured on first use,
+    cached on the model) when asked for and on CUDA, else eager. A failed capture falls back to eager."""
+
+    def __init__(self, model, use_cuda_graph: bool = False) -> None:
+        self.model = model
+        self.eager = EagerForward(model)
+        self.graphed = bool(use_cuda_graph and model.device.type == "cuda" and torch.cuda.is_available())
+        self.cache: Dict[Tuple, object] = model.__dict__.setdefault("_mambabyte_forward_graphs", {}) if self.graphed else {}
+
+    def __call__(self, ids: Tensor, state: MambaState):
+        if not self.graphed:
+            return self.eager(ids, state)
+        key = (int(ids.numel()),) + _graph_key(self.model, 1)
+        runner = self.cache.get(key)
+        if runner is None:
+            try:
+                runner = GraphedForward(self.model, int(ids.numel()))
+            except Exception as exc:  # pragma: no cover - depends on the GPU stack
+                logger.warning("CUDA-graph capture of the forward failed (%s); using eager forwards", exc)
+                self.graphed = False
+                return self.eager(ids, state)
+            self.cache[key] = runner
+        return runner(ids, state)
+
+
 def _graph_key(model, batch_size: int) -> Tuple:
     w = model.lm_head.weight
     return (batch_size, str(w.device), w.dtype, w.data_ptr())
@@ -102,6 +175,8 @@ def get_step_runner(model, batch_size: int, use_cuda_graph: bool = True):
 def clear_graph_cache(model) -> None:
     """Drop the captured graphs (and their buffers) cached on ``model``."""
     model.__dict__.pop("_mambabyte_cuda_graphs", None)
+    model.__dict__.pop("_mambabyte_forward_graphs", None)
 
 
-__all__ = ["EagerStep", "GraphedStep", "get_step_runner", "clear_graph_cache"]
+__all__ = ["EagerStep", "GraphedStep", "get_step_runner", "EagerForward", "GraphedForward", "ForwardRunner",
+           "clear_graph_cache"]

@@ -29,6 +29,10 @@ which are fed before ``c``; the drafter has consumed everything but ``c``):
 The bytes a verification emits are ``x_0 .. x_{a-1}, y``; ``y`` becomes the next pending byte. At the end
 (length or a stop string) the state is brought to exactly ``prompt + returned bytes``.
 
+``verify_cuda_graph=True`` (opt-in; on CUDA) replays each verification length from a CUDA graph
+captured on first use, instead of the eager forward whose per-call host work dominated on the H100
+(docs/benchmarks.md). It has not been run on a GPU yet; a capture failure falls back to eager.
+
 ``adaptive=True`` changes k between verifications: +1 after a full acceptance (up to 4 x the initial k,
 at most 64), down to ``max(1, a + 1)`` when fewer than half the drafts were accepted.
 """
@@ -44,7 +48,7 @@ import torch
 
 from ..errors import MambaByteError
 from ..state import MambaState
-from .cuda_graph import get_step_runner
+from .cuda_graph import ForwardRunner, get_step_runner
 from .decode import forward_chunked, prefill
 from .sampling import SamplingParams, logits_to_probs, sample_from_probs
 from .text import StopMatcher, Utf8Stream
@@ -146,6 +150,7 @@ def speculative_decode(
     stream: Optional[Callable[[str], None]] = None,
     use_cuda_graph: bool = True,
     rollback: str = "deferred",
+    verify_cuda_graph: bool = False,
 ):
     """One sequence: (state (1 row), logits (1, V)) of the target and the drafter after the prompt ->
     (bytes, final target state, final target logits (1, V), stop reason, SpeculativeStats)."""
@@ -162,6 +167,9 @@ def speculative_decode(
     if rollback not in ("deferred", "rerun"):
         raise MambaByteError(f"rollback must be 'deferred' or 'rerun', got {rollback!r}")
     max_deferred = max(8, 2 * k_max) if rollback == "deferred" else 1
+    verify = ForwardRunner(target, use_cuda_graph=verify_cuda_graph)
+    if verify.graphed and rollback == "deferred":
+        max_deferred = k0 + 1  # bounds the number of distinct verification lengths (one graph each)
     out = bytearray()
     S = state  # the target has consumed prompt + out[:pos_S]
     pos_S = 0
@@ -197,10 +205,10 @@ def speculative_decode(
         x_all = torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=dev)
         nd = len(deferred)
         ids = torch.cat([torch.tensor(deferred, device=dev), x_all]) if nd else x_all
-        vout = None
+        v_state = None
         if ids.numel():
-            vout = target(ids.unsqueeze(0), state=S, return_state=True)
-            vlog = vout.logits[0].float()
+            vlog, v_state = verify(ids, S)
+            vlog = vlog.float()
             plog = vlog[nd - 1 :] if nd else torch.cat([P_first.float(), vlog], 0)
         else:
             plog = P_first.float()
@@ -211,14 +219,14 @@ def speculative_decode(
         # -- roll back / advance ------------------------------------------------------------------------
         new = x_all[:a].tolist() + [y]
         out.extend(new)
-        if a == kk and vout is not None:
-            S, pos_S, deferred = vout.state, len(out) - 1, [y]  # everything but y consumed
+        if a == kk and v_state is not None:
+            S, pos_S, deferred = v_state, len(out) - 1, [y]  # everything but y consumed
             snaps.append((pos_S, S, plog[kk : kk + 1]))
         else:
             deferred = deferred + new
             if len(deferred) > max_deferred:
                 # resume S over the accepted bytes now (the snapshot S was never modified)
-                S = target(torch.tensor([deferred[:-1]], device=dev), state=S, return_state=True).state
+                S = verify(torch.tensor(deferred[:-1], device=dev), S)[1]
                 pos_S, deferred = len(out) - 1, [y]
                 snaps.append((pos_S, S, plog[a : a + 1]))
         if kk > 0:
@@ -288,7 +296,7 @@ def speculative_decode(
 def speculative_generate(
     model, draft_model, feed, st, lg, max_new_bytes, params: SamplingParams, stops=(), include_stop=False,
     generator=None, stream=None, draft_len=4, adaptive=False, draft_state=None, stats=None, bos=b"\n",
-    prompts_given=None, use_cuda_graph: bool = True, rollback: str = "deferred",
+    prompts_given=None, use_cuda_graph: bool = True, rollback: str = "deferred", verify_cuda_graph: bool = False,
 ):
     """``generate(..., draft_model=D)``: prefill the drafter, then decode each sequence speculatively."""
     from .core import GenerationResult
@@ -335,7 +343,7 @@ def speculative_generate(
             b, s, l, r, sst = speculative_decode(
                 model, draft_model, st.select(i), lg[i : i + 1], dst.select(i), dl[i : i + 1], max_new_bytes, params,
                 draft_len=draft_len, adaptive=adaptive, generator=generator, stops=stops, include_stop=include_stop,
-                stream=cb, use_cuda_graph=use_cuda_graph, rollback=rollback,
+                stream=cb, use_cuda_graph=use_cuda_graph, rollback=rollback, verify_cuda_graph=verify_cuda_graph,
             )
             seqs.append(b)
             states.append(s)
@@ -354,7 +362,8 @@ def speculative_generate(
     stats.prefill_s += draft_prefill_s
     stats.steps = max(len(s) for s in seqs)
     stats.new_bytes = sum(len(s) for s in seqs)
-    stats.speculative = dict(total.to_dict(), adaptive=adaptive, draft_prefill_s=draft_prefill_s, rollback=rollback)
+    stats.speculative = dict(total.to_dict(), adaptive=adaptive, draft_prefill_s=draft_prefill_s, rollback=rollback,
+                               verify_cuda_graph=verify_cuda_graph)
     return GenerationResult(seqs, state, torch.cat(logits_out, 0), stats, reasons, list(prompts_given or feed))
 
 
