@@ -203,7 +203,7 @@ def bench_cpu(args):
 def print_table():
     if RESULTS["gpu"]:
         meta = RESULTS["meta"]
-        print(f"GPU: {meta.get('gpu')}  backend: {meta.get('backend')}  copy bandwidth {meta.get('copy_bandwidth_GBps', 0):.0f} GB/s")
+        print(f"device: {meta.get('gpu') or 'cpu (smoke test)'}  backend: {meta.get('backend')}  copy bandwidth {meta.get('copy_bandwidth_GBps', 0):.0f} GB/s")
         print(f"{'shape':<6} {'what':<34} {'measured':>12} {'mamba-ssm':>10} {'ratio':>6} {'floor':>8} {'of floor':>8}")
         for row in RESULTS["gpu"]:
             s = row["shape"]

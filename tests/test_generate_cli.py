@@ -144,6 +144,19 @@ def test_state_cli_end_to_end(ckpt, tiny_model, capsysbinary, tmp_path):
     rc, out, _ = run_cli(gen_cli.main, ["--model", ckpt, "--state", "moby", "--prompt", " and", "--max_new_bytes", "8",
                                         "--temperature", "0", "--raw"], capsysbinary)
     assert out[:-1] == tiny_model.generate(" and", state=ref, max_new_bytes=8, temperature=0).bytes
+    (tmp_path / "c.txt").write_bytes(b"Another text entirely.")
+    rc, _, err = run_cli(state_cli.main, ["build", "other", "--model", ckpt, "--source", str(tmp_path / "c.txt"),
+                                          "--no_progress"], capsysbinary)
+    assert rc == 0, err
+    rc, out, err = run_cli(state_cli.main, ["combine", "mix", "moby", "other", "--weights", "3", "1"], capsysbinary)
+    assert rc == 0, err
+    mix = mambabyte.load_state("mix", tiny_model)
+    other = mambabyte.load_state("other", tiny_model)
+    assert mix.allclose(mambabyte.combine_states([st, other], [0.75, 0.25]))
+    for argv in (["combine", "mix", "moby", "other"], ["combine", "m2", "moby"], ["combine", "m2", "moby", "other", "--weights", "1"],
+                 ["combine", "m2", "moby", "nope"]):
+        rc, _, err = run_cli(state_cli.main, argv, capsysbinary)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, (argv, err)
     rc, out, _ = run_cli(state_cli.main, ["export", "moby", str(tmp_path)], capsysbinary)
     assert rc == 0 and (tmp_path / "moby.safetensors").is_file()
     rc, out, _ = run_cli(state_cli.main, ["rm", "moby"], capsysbinary)

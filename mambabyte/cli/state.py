@@ -5,6 +5,7 @@
     mambabyte state show NAME|PATH [--json]
     mambabyte state rm NAME
     mambabyte state export NAME DEST [--force]
+    mambabyte state combine NEW A B [...] [--weights 0.7 0.3] [--force]
 
 Use a state with ``mambabyte generate --state NAME``.
 """
@@ -23,7 +24,7 @@ from .common import ArgumentParser, add_model_args, cli_entry, load_model, setup
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="mambabyte state", description="Build, list, show, remove and export saved states.")
-    sub = p.add_subparsers(dest="cmd", metavar="{build,list,show,rm,export}")
+    sub = p.add_subparsers(dest="cmd", metavar="{build,list,show,rm,export,combine}")
     sub.required = True
     b = sub.add_parser("build", help="run files through the model and save the final state")
     b.add_argument("name", help="library name (letters, digits, . _ -) or a path ending in .safetensors")
@@ -48,7 +49,14 @@ def build_parser() -> ArgumentParser:
     ex.add_argument("name")
     ex.add_argument("dest", help="file or directory")
     ex.add_argument("--force", action="store_true")
-    for sp in (b, ls, sh, rm, ex):
+    co = sub.add_parser("combine", help="save a weighted sum of saved states (same model and shapes)")
+    co.add_argument("name", help="name (or .safetensors path) of the new state")
+    co.add_argument("states", nargs="+", help="states to combine: library names or paths")
+    co.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per state (default equal)")
+    co.add_argument("--no_normalize", action="store_true", help="use the weights as given (default: divide by their sum)")
+    co.add_argument("--description", default=None)
+    co.add_argument("--force", action="store_true", help="overwrite an existing state; combine states of different models")
+    for sp in (b, ls, sh, rm, ex, co):
         sp.error = p.error  # type: ignore[assignment]  (one-line errors from subcommands too)
     return p
 
@@ -90,6 +98,34 @@ def _cmd_build(args) -> int:
     meta = {k: v for k, v in meta.items() if v is not None}
     p = save_state(target, state, meta, model=model, logits=info["logits"])
     print(f"built state from {len(srcs)} file(s), {info['bytes']} bytes -> {p}")
+    return 0
+
+
+def _cmd_combine(args) -> int:
+    from ..statelib import StateLibrary, check_name, combine_states, read_state_file, resolve_state_path, save_state
+
+    if len(args.states) < 2:
+        raise MambaByteError("combine needs at least two states")
+    if args.weights is not None and len(args.weights) != len(args.states):
+        raise MambaByteError(f"{len(args.states)} states but {len(args.weights)} --weights")
+    target = Path(args.name) if (os.sep in args.name or args.name.endswith(".safetensors")) else StateLibrary().path(check_name(args.name))
+    if target.exists() and not args.force:
+        raise MambaByteError(f"{str(target)!r} exists (use --force to overwrite)")
+    loaded = [(resolve_state_path(s),) + read_state_file(resolve_state_path(s)) for s in args.states]
+    fps = {m.get("fingerprint") for _, _, m, _ in loaded}
+    if len(fps) > 1 and not args.force:
+        raise MambaByteError(f"the states were built by different models ({', '.join(sorted(map(str, fps)))}); --force to combine anyway")
+    states = [st for _, st, _, _ in loaded]
+    combined = combine_states(states, args.weights, normalize=not args.no_normalize)
+    w = args.weights or [1.0] * len(states)
+    # no next-byte logits are stored: the model's logits at a mixed state are unknown (a generation from
+    # it with an empty prompt feeds the bos byte first)
+    meta = {"fingerprint": loaded[0][2].get("fingerprint"), "model_config": loaded[0][2].get("model_config"),
+            "description": args.description,
+            "combined_from": [{"path": str(p), "text_sha256": m.get("text_sha256"), "weight": wi}
+                              for (p, _, m, _), wi in zip(loaded, w)]}
+    p = save_state(target, combined, {k: v for k, v in meta.items() if v is not None})
+    print(f"combined {len(states)} states -> {p}")
     return 0
 
 
@@ -167,7 +203,8 @@ def _cmd_export(args) -> int:
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(False)
-    return {"build": _cmd_build, "list": _cmd_list, "show": _cmd_show, "rm": _cmd_rm, "export": _cmd_export}[args.cmd](args)
+    return {"build": _cmd_build, "list": _cmd_list, "show": _cmd_show, "rm": _cmd_rm, "export": _cmd_export,
+            "combine": _cmd_combine}[args.cmd](args)
 
 
 if __name__ == "__main__":
