@@ -452,6 +452,7 @@ class Trainer:
         self.elapsed = 0.0
         self.cur_lr = 0.0
         self.states: List[Optional[MambaState]] = [None] * self.accum
+        self.step_times: List[float] = []
         start = 0
         if ck is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -584,6 +585,7 @@ class Trainer:
             self.last_loss = loss_val
             self.bytes_seen += G * L
             dt = time.perf_counter() - t0
+            self.step_times.append(dt)
             if d.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 row = {"step": step, "loss": loss_val, "bpb": loss_val / LN2, "lr": lr, "grad_norm": gn,
                        "bytes_per_s": G * L / dt, "bytes_seen": self.bytes_seen, "elapsed_s": round(elapsed, 3),
@@ -628,6 +630,13 @@ class Trainer:
         )
         if d.is_main:
             summary = {k: v for k, v in res.__dict__.items()}
+            if self.step_times:
+                # steady-state throughput: the slowest first steps (allocation, autotuning) left out
+                tail = self.step_times[len(self.step_times) // 10 + (1 if len(self.step_times) > 1 else 0):] or self.step_times
+                summary["steady_bytes_per_s"] = G * L * len(tail) / sum(tail)
+                summary["steps_this_session"] = len(self.step_times)
+            if self.device.type == "cuda":
+                summary["peak_mem_gib_rank0"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
             summary.update({"bytes_seen": self.bytes_seen, "elapsed_s": round(self.elapsed, 3),
                             "model_config": self.model_config.to_dict(), "world_size": W})
             from ..io.checkpoints import atomic_write_text
