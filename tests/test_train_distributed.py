@@ -49,19 +49,34 @@ def _rows(run, key):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    cfg = {a[2:]: b for a, b in zip(ARGS[::2], ARGS[1::2])}
-    cfg.update(data=[cfg["data"]], val_data=[cfg["val_data"]])
-    train(cfg, out_dir=str(out))
+    train(_single_cfg(), out_dir=str(out))
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def _single_cfg(**kw):
+    cfg = {a[2:]: b for a, b in zip(ARGS[::2], ARGS[1::2])}
+    cfg.update(data=[cfg["data"]], val_data=[cfg["val_data"]], **kw)
+    return cfg
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-tbptt"])
 def test_two_process_gloo_matches_single_process(tmp_path, single, mode):
     out = tmp_path / mode
-    p = _torchrun(out, ["--distributed", mode])
+    extra = ["--distributed", mode.split("-")[0]]
+    if mode == "ddp-tbptt":
+        # 2 ranks x 2 accumulation steps x 1 window = the 4 streams of the 1-process run; states gathered
+        extra += ["--tbptt", "true", "--micro_batch_size", "1", "--eval_bytes", "200", "--eval_every", "0"]
+        single = tmp_path / "single-tbptt"
+        train(_single_cfg(tbptt=True, eval_bytes=200, eval_every=0), out_dir=str(single))
+    p = _torchrun(out, extra)
     log = p.stdout + p.stderr
-    assert "x2" in log and mode.upper() in log
-    if mode == "ddp":
+    assert "x2" in log and ("FSDP" if mode == "fsdp" else "DDP") in log
+    if mode == "ddp-tbptt":
+        s1 = torch.load(single / "checkpoints" / "step_000004.pt", weights_only=True)["data"]["tbptt_states"]
+        s2 = torch.load(out / "checkpoints" / "step_000004.pt", weights_only=True)["data"]["tbptt_states"]
+        torch.testing.assert_close(s2["ssm"], s1["ssm"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s2["conv"], s1["conv"], rtol=1e-4, atol=1e-6)
+    if mode != "fsdp":
         assert "all ranks identical" in log  # check_sync compared every rank's parameter fingerprint
     a, b = _rows(single, "loss"), _rows(out, "loss")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -82,9 +97,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, single):
     out = tmp_path / "mixed"
     _torchrun(out, ["--max_steps", "2", "--lr_decay_steps", "4"])  # same schedule as the 4-step run
     assert (out / "checkpoints" / "step_000002.pt").is_file()
-    cfg = {a[2:]: b for a, b in zip(ARGS[::2], ARGS[1::2])}
-    cfg.update(data=[cfg["data"]], val_data=[cfg["val_data"]])
-    res = train(cfg, out_dir=str(out), resume=True)
+    res = train(_single_cfg(), out_dir=str(out), resume=True)
     assert res.step == 4
     a, b = _rows(single, "loss"), _rows(out, "loss")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
