@@ -3,7 +3,6 @@ single-process run on the same global batch; a 2-process checkpoint resumes in o
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,8 +12,7 @@ import torch
 
 from mambabyte import MambaByteLM
 from mambabyte.cli.train import main as train_main
-from mambabyte.errors import MambaByteError
-from mambabyte.training import TrainingDiverged, list_checkpoints, load_checkpoint, lr_at, save_checkpoint, train
+from mambabyte.training import list_checkpoints, load_checkpoint, lr_at, save_checkpoint, train
 
 DATA = Path(__file__).parent / "data" / "corpus"
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ name, so a crash at any point leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional

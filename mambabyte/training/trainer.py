@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -31,7 +30,6 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..config import MambaByteConfig
 from ..errors import MambaByteError
 from ..model import MambaByteLM
 from ..state import MambaState
