@@ -56,7 +56,8 @@ def build_parser() -> ArgumentParser:
     o.add_argument("--verbose", action="store_true")
     sp = p.add_argument_group("speculative decoding")
     sp.add_argument("--speculative", action="store_true", help="draft with --drafter, verify with the model")
-    sp.add_argument("--drafter", default=None, help="a small byte-level MambaByte checkpoint (or preset via --drafter_id)")
+    sp.add_argument("--drafter", default=None,
+                    help="a small byte-level MambaByte checkpoint, or a subword drafter folder (with tokenizer.json)")
     sp.add_argument("--drafter_id", default=None, help="preset name for a drafter checkpoint without config")
     sp.add_argument("--draft_len", type=int, default=4, help="bytes drafted per verification (default 4)")
     sp.add_argument("--graph_verify", action="store_true",
@@ -121,14 +122,26 @@ def _save_target(name_or_path: str):
 
 
 def _load_drafter(args, model):
-    from .common import parse_dtype
+    """A byte-level MambaByte checkpoint, or a subword drafter folder (one with a tokenizer.json)."""
+    from pathlib import Path
+
     from ..io import load_pretrained
+    from ..io.checkpoints import resolve_path
+    from .common import parse_dtype
 
     if not args.drafter:
-        raise MambaByteError("--speculative needs --drafter PATH (a small byte-level MambaByte checkpoint)")
+        raise MambaByteError("--speculative needs --drafter PATH (a byte-level MambaByte or a subword drafter folder)")
+    folder = resolve_path(args.drafter)
+    if Path(folder).is_dir() and (Path(folder) / "tokenizer.json").is_file():
+        from ..subword import SubwordDrafter
+
+        d = SubwordDrafter.from_pretrained(folder, device=model.device, dtype=parse_dtype(args.dtype))
+        d.model.eval()
+        return d
     d = load_pretrained(args.drafter, device=model.device, dtype=parse_dtype(args.dtype), model_id=args.drafter_id)
     if d.config.vocab_size != model.config.vocab_size:
-        raise MambaByteError(f"the drafter's vocabulary ({d.config.vocab_size}) differs from the model's ({model.config.vocab_size})")
+        raise MambaByteError(f"the drafter's vocabulary ({d.config.vocab_size}) differs from the model's "
+                             f"({model.config.vocab_size}) and it has no tokenizer.json (not a subword drafter)")
     return d.eval()
 
 

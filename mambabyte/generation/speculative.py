@@ -132,14 +132,152 @@ def _probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return logits_to_probs(logits.float(), params)
 
 
+class ByteDraftRunner:
+    """A byte-level MambaByte drafter: proposes k bytes with their distributions q (k, V).
+
+    Its state has consumed everything emitted except the pending byte, which it steps first.
+    Rollback restores the snapshot taken after the a-th drafting step.
+    """
+
+    kind = "byte"
+
+    def __init__(self, model, state: MambaState, logits: Tensor, use_cuda_graph: bool = True) -> None:
+        self.dev = model.device
+        self.runner = get_step_runner(model, 1, use_cuda_graph)
+        self.runner.load(state)
+        self.first_logits = logits
+        self._snaps: List[MambaState] = []
+        self._x: Optional[Tensor] = None
+
+    def draft(self, kk: int, pending: Optional[int], params: SamplingParams, generator=None) -> Tuple[Tensor, Tensor]:
+        runner = self.runner
+        qlog = runner(torch.tensor([pending], device=self.dev)) if pending is not None else self.first_logits
+        self._snaps, qs, xs = [], [], []
+        for j in range(kk):
+            self._snaps.append(runner.state.clone())  # after [pending, x_0 .. x_{j-1}]
+            q = _probs(qlog, params)[0]
+            x = sample_from_probs(q.unsqueeze(0), generator)
+            qs.append(q)
+            xs.append(x)
+            if j + 1 < kk:
+                qlog = runner(x)
+        x_all = torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=self.dev)
+        self._x = x_all
+        q_all = torch.stack(qs) if qs else torch.zeros(0, 256, device=self.dev)
+        return x_all, q_all
+
+    def accept(self, a: int, kk: int, y: int) -> None:
+        """a of the kk drafts were accepted, then y emitted (y stays pending: stepped by the next draft)."""
+        if kk == 0:
+            return
+        if a < kk:
+            self.runner.load(self._snaps[a])
+        else:
+            self.runner(self._x[kk - 1 : kk])  # the last draft had not been consumed yet
+
+
+class SubwordDraftRunner:
+    """A subword drafter (:class:`mambabyte.subword.SubwordDrafter`: ``.model`` over BPE tokens,
+    ``.encode(bytes)``, ``.token_bytes(id)``) proposing bytes for byte-level verification.
+
+    Drafting samples whole tokens (the sampling transform applied to token logits) until k bytes are
+    covered and proposes their first k bytes as a point mass, q = one-hot. With that q the acceptance
+    rule (accept x with probability p(x), else draw from p with x removed, renormalised) is exact: each
+    emitted byte has the target's distribution whatever the drafter proposed, so the output distribution
+    equals the target's at any temperature; the acceptance probability is p(x) rather than min(1, p/q).
+
+    Rollback: after a verification the drafter's state is restored to the last token boundary inside
+    the accepted bytes; the accepted bytes after that boundary plus the emitted byte become a pending
+    remainder r. The next draft first samples tokens consistent with r (a token that starts with r, or a
+    prefix of r, then the rest of r), so the drafter re-reads the corrected text as tokens of its own
+    vocabulary ("token healing"), and proposes only the bytes after r.
+    """
+
+    kind = "subword"
+
+    def __init__(self, drafter, context: bytes, use_cuda_graph: bool = True, bos: bytes = b"\n") -> None:
+        self.d = drafter
+        self.model = drafter.model
+        self.dev = self.model.device
+        V = self.model.config.vocab_size
+        n_tok = getattr(getattr(drafter, "tokenizer", None), "vocab_size", V)
+        self.tok_bytes = [drafter.token_bytes(i) if i < n_tok else b"" for i in range(V)]
+        self.empty = torch.tensor([len(b) == 0 for b in self.tok_bytes], device=self.dev)
+        self.runner = get_step_runner(self.model, 1, use_cuda_graph)
+        context = context or bos or b"\n"
+        ids = drafter.encode(context)
+        # the last token of the context stays pending (it may extend into the generated text)
+        last = self.tok_bytes[ids[-1]] if ids else b""
+        if len(ids) > 1:
+            lg, st = forward_chunked(self.model, torch.tensor([ids[:-1]], device=self.dev), None)
+            self.runner.load(st)
+            self.logits = lg
+            self.pending = last
+        else:  # one token: it has to be read to have any logits at all
+            lg, st = forward_chunked(self.model, torch.tensor([ids], device=self.dev), None)
+            self.runner.load(st)
+            self.logits = lg
+            self.pending = b""
+        self._snaps: List[Tuple[int, MambaState, Tensor]] = []
+        self._consumed = b""
+
+    def _compatible(self, r: bytes) -> Tensor:
+        ok = [bool(b) and (b.startswith(r) or r.startswith(b)) for b in self.tok_bytes]
+        return torch.tensor(ok, device=self.dev)
+
+    def draft(self, kk: int, pending: Optional[int], params: SamplingParams, generator=None) -> Tuple[Tensor, Tensor]:
+        r0 = self.pending
+        r = r0
+        consumed = bytearray()  # bytes read by the drafted tokens (r0 first, then the proposal)
+        self._snaps = [(0, self.runner.state.clone(), self.logits.clone())]
+        qlog = self.logits
+        while len(consumed) < len(r0) + kk:
+            lg = qlog.float().masked_fill(self.empty, float("-inf"))
+            if r:
+                lg = lg.masked_fill(~self._compatible(r), float("-inf"))
+            tok = int(sample_from_probs(_probs(lg, params), generator)[0])
+            b = self.tok_bytes[tok]
+            consumed += b
+            r = r[len(b):] if r.startswith(b) else b""
+            qlog = self.runner(torch.tensor([tok], device=self.dev))
+            self._snaps.append((len(consumed), self.runner.state.clone(), qlog.clone()))
+        self._consumed = bytes(consumed)
+        x = self._consumed[len(r0) : len(r0) + kk]
+        x_all = torch.tensor(list(x), dtype=torch.long, device=self.dev)
+        q_all = torch.nn.functional.one_hot(x_all, 256).float() if kk else torch.zeros(0, 256, device=self.dev)
+        return x_all, q_all
+
+    def accept(self, a: int, kk: int, y: int) -> None:
+        upto = len(self.pending) + a  # text known good since the restore point: r0 + x[:a]
+        text = (self.pending + self._consumed[len(self.pending):])[:upto]
+        off, st, lg = self._snaps[0]
+        for o, s_, l_ in self._snaps:
+            if o <= upto:
+                off, st, lg = o, s_, l_
+        self.runner.load(st)
+        self.logits = lg
+        self.pending = text[off:] + bytes([y])
+        if len(self.pending) > 64:  # a long run of rejections: read most of it now
+            head = self.pending[:-16]
+            ids = self.d.encode(head)
+            lg2, st2 = forward_chunked(self.model, torch.tensor([ids], device=self.dev), self.runner.state)
+            self.runner.load(st2)
+            self.logits = lg2
+            self.pending = self.pending[-16:]
+
+
+def is_subword_drafter(d) -> bool:
+    return hasattr(d, "encode") and hasattr(d, "token_bytes") and hasattr(d, "model")
+
+
 @torch.no_grad()
 def speculative_decode(
     target,
     drafter,
     state: MambaState,
     logits: Tensor,
-    draft_state: MambaState,
-    draft_logits: Tensor,
+    draft_state: Optional[MambaState],
+    draft_logits: Optional[Tensor],
     max_new_bytes: int,
     params: SamplingParams,
     draft_len: int = 4,
@@ -153,7 +291,10 @@ def speculative_decode(
     verify_cuda_graph: bool = False,
 ):
     """One sequence: (state (1 row), logits (1, V)) of the target and the drafter after the prompt ->
-    (bytes, final target state, final target logits (1, V), stop reason, SpeculativeStats)."""
+    (bytes, final target state, final target logits (1, V), stop reason, SpeculativeStats).
+
+    ``drafter`` is a byte-level MambaByteLM (with ``draft_state`` / ``draft_logits`` after the prompt), or
+    a ready draft runner (:class:`ByteDraftRunner`, :class:`SubwordDraftRunner`)."""
     dev = target.device
     n = int(max_new_bytes)
     k0 = max(0, int(draft_len))
@@ -162,8 +303,10 @@ def speculative_decode(
     st = SpeculativeStats(draft_len=k0)
     matcher = StopMatcher(stops)
     utf8 = Utf8Stream() if stream is not None else None
-    runner = get_step_runner(drafter, 1, use_cuda_graph)
-    runner.load(draft_state)
+    if isinstance(drafter, (ByteDraftRunner, SubwordDraftRunner)):
+        drunner = drafter
+    else:
+        drunner = ByteDraftRunner(drafter, draft_state, draft_logits, use_cuda_graph)
     if rollback not in ("deferred", "rerun"):
         raise MambaByteError(f"rollback must be 'deferred' or 'rerun', got {rollback!r}")
     max_deferred = max(8, 2 * k_max) if rollback == "deferred" else 1
@@ -175,7 +318,6 @@ def speculative_decode(
     pos_S = 0
     deferred: List[int] = []  # out[pos_S:]: emitted, not yet in S (the last one is the pending byte)
     P_first = logits  # target logits at S while nothing is deferred
-    Q_first = draft_logits
     snaps: collections.deque = collections.deque([(0, S, logits)])  # (pos, state, target logits at state)
     final_len: Optional[int] = None
     reason = "length"
@@ -184,25 +326,10 @@ def speculative_decode(
         remaining = n - len(out)
         kk = min(k, remaining - 1)
         # -- draft ----------------------------------------------------------------------------------
-        d_snaps: List[MambaState] = []
-        qs: List[Tensor] = []
-        xs: List[Tensor] = []
-        if deferred:
-            qlog = runner(torch.tensor([deferred[-1]], device=dev))  # the drafter steps the pending byte
-        else:
-            qlog = Q_first
-        for j in range(kk):
-            d_snaps.append(runner.state.clone())  # drafter after [pending, x_0 .. x_{j-1}]
-            q = _probs(qlog, params)[0]
-            x = sample_from_probs(q.unsqueeze(0), generator)
-            qs.append(q)
-            xs.append(x)
-            if j + 1 < kk:
-                qlog = runner(x)
+        x_all, q_all = drunner.draft(kk, deferred[-1] if deferred else None, params, generator)
         _sync(dev)
         t1 = time.perf_counter()
         # -- verify: one resumed scan over [deferred bytes, drafts] from S ----------------------------------
-        x_all = torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=dev)
         nd = len(deferred)
         ids = torch.cat([torch.tensor(deferred, device=dev), x_all]) if nd else x_all
         v_state = None
@@ -213,8 +340,7 @@ def speculative_decode(
         else:
             plog = P_first.float()
         p = _probs(plog, params)  # (kk + 1, V): p_0 .. p_kk
-        q_all = torch.stack(qs) if qs else torch.zeros(0, p.shape[-1], device=dev)
-        a, y = speculative_accept(p, q_all, x_all, generator)
+        a, y = speculative_accept(p, q_all[:, : p.shape[-1]], x_all, generator)
         t2 = time.perf_counter()
         # -- roll back / advance ------------------------------------------------------------------------
         new = x_all[:a].tolist() + [y]
@@ -229,12 +355,8 @@ def speculative_decode(
                 S = verify(torch.tensor(deferred[:-1], device=dev), S)[1]
                 pos_S, deferred = len(out) - 1, [y]
                 snaps.append((pos_S, S, plog[a : a + 1]))
-        if kk > 0:
-            if a < kk:
-                runner.load(d_snaps[a])
-            else:
-                runner(x_all[kk - 1 : kk])  # the drafter had not consumed the last draft yet
-        P_first = Q_first = None
+        drunner.accept(a, kk, y)
+        P_first = None
         t3 = time.perf_counter()
         st.verifications += 1
         st.drafted += kk
@@ -303,35 +425,42 @@ def speculative_generate(
 
     if params.uses_penalties:
         raise MambaByteError("speculative decoding does not support repetition / presence / frequency penalties")
-    if draft_model.config.vocab_size != model.config.vocab_size:
-        raise MambaByteError(
-            f"the drafter's vocabulary ({draft_model.config.vocab_size}) differs from the target's ({model.config.vocab_size})"
-        )
-    if draft_model.device != model.device:
-        raise MambaByteError(f"the drafter is on {draft_model.device} but the model is on {model.device}")
     if not isinstance(draft_len, int) or draft_len < 0:
         raise MambaByteError(f"draft_len must be an int >= 0, got {draft_len!r}")
+    subword = is_subword_drafter(draft_model)
+    dmodel = draft_model.model if subword else draft_model
+    if not subword and dmodel.config.vocab_size != model.config.vocab_size:
+        raise MambaByteError(
+            f"the drafter's vocabulary ({dmodel.config.vocab_size}) differs from the target's ({model.config.vocab_size}); "
+            "a subword drafter must be a mambabyte.subword.SubwordDrafter"
+        )
+    if dmodel.device != model.device:
+        raise MambaByteError(f"the drafter is on {dmodel.device} but the model is on {model.device}")
+    if subword and draft_state is not None:
+        raise MambaByteError("draft_state is for byte-level drafters; a subword drafter re-reads the prompt")
     dev = model.device
-    was_training = draft_model.training
-    draft_model.eval()
+    was_training = dmodel.training
+    dmodel.eval()
     n_seq = len(feed)
     t0 = time.perf_counter()
-    if draft_state is not None:
-        draft_model.check_state(draft_state)
-        ds = draft_state.to(dev, draft_model.allocate_state(1).dtype)
-        ds = ds if ds.batch_size == n_seq else ds.repeat(n_seq) if ds.batch_size == 1 else None
-        if ds is None:
-            raise MambaByteError(f"draft_state holds {draft_state.batch_size} streams; need 1 or {n_seq}")
-        dfeed = list(feed)
+    # rows without prompt bytes (continuing from given target logits) give the drafter the bos byte
+    dfeed = [p if p else (bos or b"\n") for p in feed]
+    runners = []
+    if subword:
+        with torch.no_grad():
+            runners = [SubwordDraftRunner(draft_model, p, use_cuda_graph, bos=bos) for p in dfeed]
     else:
         ds = None
-        dfeed = list(feed)
-    # rows without prompt bytes (continuing from given target logits) give the drafter the bos byte
-    dfeed = [p if p else (bos or b"\n") for p in dfeed] if ds is None else dfeed
-    dlogits = None
-    if ds is not None and any(not p for p in dfeed):
-        dfeed = [p if p else (bos or b"\n") for p in dfeed]
-    dl, dst = prefill(draft_model, dfeed, ds, dlogits)
+        if draft_state is not None:
+            dmodel.check_state(draft_state)
+            ds = draft_state.to(dev, dmodel.allocate_state(1).dtype)
+            ds = ds if ds.batch_size == n_seq else ds.repeat(n_seq) if ds.batch_size == 1 else None
+            if ds is None:
+                raise MambaByteError(f"draft_state holds {draft_state.batch_size} streams; need 1 or {n_seq}")
+            dfeed = list(feed)  # the given drafter state already holds the context; feed only the prompts
+            if any(not p for p in dfeed):
+                dfeed = [p if p else (bos or b"\n") for p in dfeed]
+        dl, dst = prefill(dmodel, dfeed, ds, None)
     _sync(dev)
     draft_prefill_s = time.perf_counter() - t0
     seqs, states, logits_out, reasons = [], [], [], []
@@ -340,8 +469,12 @@ def speculative_generate(
     try:
         for i in range(n_seq):
             cb = None if stream is None else (lambda text, i=i: stream(i, text))
+            if subword:
+                drafter_i, ds_i, dl_i = runners[i], None, None
+            else:
+                drafter_i, ds_i, dl_i = dmodel, dst.select(i), dl[i : i + 1]
             b, s, l, r, sst = speculative_decode(
-                model, draft_model, st.select(i), lg[i : i + 1], dst.select(i), dl[i : i + 1], max_new_bytes, params,
+                model, drafter_i, st.select(i), lg[i : i + 1], ds_i, dl_i, max_new_bytes, params,
                 draft_len=draft_len, adaptive=adaptive, generator=generator, stops=stops, include_stop=include_stop,
                 stream=cb, use_cuda_graph=use_cuda_graph, rollback=rollback, verify_cuda_graph=verify_cuda_graph,
             )
@@ -352,7 +485,7 @@ def speculative_generate(
             total.merge(sst)
     finally:
         if was_training:
-            draft_model.train()
+            dmodel.train()
     _sync(dev)
     t2 = time.perf_counter()
     state = MambaState.cat(states) if len(states) > 1 else states[0]
@@ -363,8 +496,9 @@ def speculative_generate(
     stats.steps = max(len(s) for s in seqs)
     stats.new_bytes = sum(len(s) for s in seqs)
     stats.speculative = dict(total.to_dict(), adaptive=adaptive, draft_prefill_s=draft_prefill_s, rollback=rollback,
-                               verify_cuda_graph=verify_cuda_graph)
+                               verify_cuda_graph=verify_cuda_graph, drafter="subword" if subword else "byte")
     return GenerationResult(seqs, state, torch.cat(logits_out, 0), stats, reasons, list(prompts_given or feed))
 
 
-__all__ = ["speculative_accept", "speculative_decode", "speculative_generate", "SpeculativeStats"]
+__all__ = ["speculative_accept", "speculative_decode", "speculative_generate", "SpeculativeStats",
+           "ByteDraftRunner", "SubwordDraftRunner", "is_subword_drafter"]
