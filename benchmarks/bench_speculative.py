@@ -3,7 +3,8 @@
 
 Two parts, each optional:
 
-1. ``--target T --drafter D`` (checkpoints; e.g. the shipped trained pair): speculative vs plain
+1. ``--target T --drafter D`` (checkpoints; e.g. the shipped trained pair; D may be a byte-level
+   MambaByte or a subword drafter folder with a tokenizer.json): speculative vs plain
    decoding of T on prompts cut from ``--texts`` (default pg19_samples/*.txt), at temperature 0 and 0.8,
    for each k in ``--ks``: acceptance rate, accepted bytes per verification, bytes/s, speedup, and
    (at temperature 0) a check that the output equals plain greedy decoding.
@@ -69,7 +70,14 @@ def measure_pair(args):
     dev = args.device
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     T = load_pretrained(args.target, device=dev, dtype=dtype).eval()
-    D = load_pretrained(args.drafter, device=dev, dtype=dtype).eval()
+    if os.path.isfile(os.path.join(args.drafter, "tokenizer.json")):
+        from mambabyte.subword import SubwordDrafter
+
+        D = SubwordDrafter.from_pretrained(args.drafter, device=dev, dtype=dtype)
+        D.model.eval()
+        D.num_parameters = D.model.num_parameters
+    else:
+        D = load_pretrained(args.drafter, device=dev, dtype=dtype).eval()
     texts = args.texts or sorted(glob.glob(os.path.join(REPO, "pg19_samples", "*.txt")))
     prompts = []
     for path in texts:

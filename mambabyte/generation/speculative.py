@@ -1,5 +1,6 @@
-"""Speculative decoding with a byte-level drafter: draft k bytes cheaply, verify them with ONE resumed
-scan of the target, roll back exactly.
+"""Speculative decoding: draft k bytes cheaply, verify them with ONE resumed scan of the target, roll
+back exactly. Drafters: a small byte-level MambaByte (:class:`ByteDraftRunner`) or a subword Mamba over
+a BPE vocabulary (:class:`SubwordDraftRunner`, the paper's setup; its rule is described there).
 
 Shapes: V = 256, k = draft length. One sequence at a time (a batch is decoded row after row).
 
