@@ -692,6 +692,7 @@ class Trainer:
                              "weights_step": step if which == "last" else ev.get("step"),
                              "val_bpb": ev.get("val_bpb"), "val_bpb_window": ev.get("val_bpb_window"),
                              "val_bpb_carried": ev.get("val_bpb_carried"), "val_bytes": ev.get("val_bytes"),
+                             "val_streams": ev.get("val_streams"), "val_seq_len": ev.get("val_seq_len"),
                              "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr,
                              "data": [str(x) for x in cfg.data]}}
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.export_dtype]
