@@ -2,7 +2,6 @@
 
 import importlib.util
 import io
-import os
 import sys
 from pathlib import Path
 

@@ -1,13 +1,12 @@
 """Generation on CPU with tiny models: greedy == argmax over full forwards, exact state continuation,
 stop strings across step boundaries, UTF-8 streaming, batches, sampling filters, penalties, seeds."""
 
-import math
 
 import pytest
 import torch
 
 import mambabyte
-from mambabyte import MambaByteLM, MambaState
+from mambabyte import MambaByteLM
 from mambabyte.errors import MambaByteError, StateError
 from mambabyte.generation import SamplingParams, StopMatcher, Utf8Stream, generate, logits_to_probs
 from mambabyte.generation.sampling import sample_from_probs

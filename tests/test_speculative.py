@@ -13,7 +13,7 @@ from mambabyte.generation.sampling import SamplingParams, logits_to_probs
 from mambabyte.generation.speculative import speculative_accept, speculative_decode
 from mambabyte.generation.decode import prefill
 
-from test_generation import ScriptedLM, scripted  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_generation import scripted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mambabyte
-from mambabyte import MambaByteLM, MambaState
+from mambabyte import MambaByteLM
 from mambabyte.errors import MambaByteError, StateError
 from mambabyte.statelib import StateLibrary, read_state_file, resolve_state_path
 

@@ -201,7 +201,7 @@ def main(argv: Optional[list] = None) -> int:
     import torch
 
     from ..generation import generate
-    from ..statelib import load_state, resolve_state_path, save_state
+    from ..statelib import load_state
 
     if args.threads is not None:
         if args.threads < 1:
