@@ -229,7 +229,8 @@ def generate(
         use_cuda_graph: capture the decode step in a CUDA graph on GPU (ignored on CPU).
         sync_every: host syncs (stop checks, streaming) every this many bytes (default 1 on CPU, 16 on GPU).
         draft_model / draft_len / adaptive_draft / draft_state / speculative_rollback / verify_cuda_graph:
-            speculative decoding with a byte-level drafter (see :mod:`mambabyte.generation.speculative`).
+            speculative decoding with a byte-level MambaByte or a subword drafter (``mambabyte.subword.SubwordDrafter``;
+            see :mod:`mambabyte.generation.speculative`).
 
     Returns a :class:`GenerationResult`.
     """
