@@ -158,6 +158,15 @@ class MambaMixer(nn.Module):
         dtype = hidden_states.dtype
         xz = self.in_proj(hidden_states)
         x, z = xz.chunk(2, dim=-1)  # (b, di)
+        if x.is_cuda and ops.cuda_backend_status()[0]:
+            # fused path: conv step + silu + x_proj + dt_proj + softplus + state update + D + gate
+            from ..ops.cuda_backend import mamba_decode_step_cuda
+
+            y = mamba_decode_step_cuda(
+                x, z, conv_state, self.conv1d.weight, self.conv1d.bias, ssm_state, self.x_proj.weight,
+                self.dt_proj.weight, self.dt_proj.bias, -torch.exp(self.A_log.float()), self.D,
+            )
+            return self.out_proj(y.to(dtype))
         w = self.conv1d.weight.squeeze(1)
         x = ops.causal_conv1d_update(x, conv_state, w, self.conv1d.bias, activation=None)
         x = F.silu(x).to(dtype)
