@@ -24,7 +24,7 @@ which are fed before ``c``; the drafter has consumed everything but ``c``):
    bytes only. ``rollback="rerun"`` does that at once (a second, short scan call);
    ``rollback="deferred"`` (default) folds those bytes into the front of the next verification call, so
    every verification is exactly one target call (the bytes are re-scanned, never re-sampled; the
-   deferred run is flushed with its own call if it grows past 2 x the largest k). Both are exact. The
+   deferred run is flushed with its own call once it exceeds k + 1 bytes, so calls stay <= 2k + 2 bytes). Both are exact. The
    drafter restores the snapshot taken after its a-th step. The prompt is never re-run.
 
 The bytes a verification emits are ``x_0 .. x_{a-1}, y``; ``y`` becomes the next pending byte. At the end
@@ -310,10 +310,8 @@ def speculative_decode(
         drunner = ByteDraftRunner(drafter, draft_state, draft_logits, use_cuda_graph)
     if rollback not in ("deferred", "rerun"):
         raise MambaByteError(f"rollback must be 'deferred' or 'rerun', got {rollback!r}")
-    max_deferred = max(8, 2 * k_max) if rollback == "deferred" else 1
+    max_deferred = k0 + 1 if rollback == "deferred" else 1  # verification calls stay <= 2k + 2 bytes
     verify = ForwardRunner(target, use_cuda_graph=verify_cuda_graph)
-    if verify.graphed and rollback == "deferred":
-        max_deferred = k0 + 1  # bounds the number of distinct verification lengths (one graph each)
     out = bytearray()
     S = state  # the target has consumed prompt + out[:pos_S]
     pos_S = 0
