@@ -124,6 +124,16 @@ class MambaByteLM(nn.Module):
         if batch_size is not None and state.batch_size != batch_size:
             raise StateError(f"state holds {state.batch_size} streams but the input has batch size {batch_size}")
 
+    def cast_(self, dtype: Optional[torch.dtype]) -> "MambaByteLM":
+        """Cast the weights to ``dtype`` in place, keeping A_log and D in fp32 as the reference does."""
+        if dtype is None:
+            return self
+        self.to(dtype=dtype)
+        for layer in self.backbone.layers:
+            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
+            layer.mixer.D.data = layer.mixer.D.data.float()
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..errors import MambaByteError
+from ..io.checkpoints import atomic_write_file
 
 SCHEMA_VERSION = 1
 KINDS = ("module_outputs", "discrete_A", "input_sim_with_discrete_A")
@@ -98,26 +98,11 @@ def save_artefact(artefact: Dict[str, Any], path) -> Path:
     target = Path(os.fspath(path)).expanduser()
     if target.is_dir():
         raise MambaByteError(f"--filepath_to_store_outputs {str(target)!r} is a folder; give a file name such as out.pkl")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    except OSError as exc:
-        raise MambaByteError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             pickle.dump(artefact, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise MambaByteError(f"could not write {str(target)!r}: {exc.strerror or exc}") from None
-        raise
-    return target
+
+    return atomic_write_file(target, write)
 
 
 def load_artefact(path) -> Dict[str, Any]:

@@ -18,13 +18,13 @@ are shown and ``window=(start, end)`` zooms in.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..errors import MambaByteError
+from ..io.checkpoints import atomic_write_file
 
 Tensor = torch.Tensor
 MAX_CHAR_TICKS = 160
@@ -298,22 +298,8 @@ def plot_artefact(artefact: Union[str, os.PathLike, Dict[str, Any]], out_path: U
         head += "\n" + (snippet if len(snippet) <= 120 else snippet[:117] + "...")
     fig.suptitle(head, fontsize=10)
 
-    target = Path(os.fspath(out_path)).expanduser()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    except OSError as exc:
-        raise MambaByteError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             fig.savefig(f, format="png")
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise MambaByteError(f"could not write {str(target)!r}: {exc.strerror or exc}") from None
-        raise
-    return target
+
+    return atomic_write_file(out_path, write)

@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import sys
-import warnings
 from typing import Callable, List, Optional
 
 from ..errors import MambaByteError
@@ -104,43 +103,67 @@ def add_model_args(p: argparse.ArgumentParser, paper_names: bool = True) -> None
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU), bf16, fp16")
 
 
-def load_model(args, default_random_preset: str = "tiny"):
-    """The model the flags ask for. Falls back to the shipped default, then to a random model (warned)."""
+def read_yaml_general(path: str) -> dict:
+    """The ``general`` section (device, dtype) of a paper-style config YAML; {} when absent."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as exc:
+        raise MambaByteError(f"cannot read --config_path {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise MambaByteError(f"--config_path {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    gen = doc.get("general") if isinstance(doc, dict) else None
+    return gen if isinstance(gen, dict) else {}
+
+
+def _random_model(config, args, what: str):
     import torch
 
-    from ..config import MambaByteConfig
-    from ..io import list_shipped_models, load_pretrained
     from ..model import MambaByteLM
 
-    device = resolve_device(getattr(args, "device", None))
-    dtype = parse_dtype(getattr(args, "dtype", None))
+    sys.stderr.write(f"warning: using a RANDOMLY INITIALISED model {what}; its outputs are meaningless\n")
+    torch.manual_seed(int(getattr(args, "seed", 0) or 0))
+    model = MambaByteLM(config, device=resolve_device(getattr(args, "device", None)))
+    return model.cast_(parse_dtype(getattr(args, "dtype", None))).eval()
+
+
+def load_model(args, default_random_preset: str = "tiny", default_model_id: Optional[str] = None):
+    """The model the flags ask for.
+
+    Order: ``--pretrained_model_filepath`` (any format; ``--model_id`` supplies a config when the
+    checkpoint has none); with the paper code's ``--config_path`` and a ``--model_id`` (or
+    ``default_model_id``) but no checkpoint, that yml section with random weights (warned), the yml's
+    ``general`` section filling ``--device`` / ``--dtype`` when not given; the shipped default model;
+    a random ``default_random_preset`` model (warned).
+    """
+    from ..config import PRESETS, MambaByteConfig, config_from_yaml
+    from ..io import list_shipped_models, load_pretrained
+
     path = getattr(args, "pretrained_model_filepath", None)
     model_id = getattr(args, "model_id", None)
+    cfg_path = getattr(args, "config_path", None)
+    if cfg_path:
+        general = read_yaml_general(cfg_path)
+        if getattr(args, "dtype", None) is None and general.get("dtype"):
+            args.dtype = str(general["dtype"])
+        if getattr(args, "device", None) in (None, "auto") and general.get("device"):
+            args.device = str(general["device"])
+        if path and model_id is not None and model_id not in PRESETS:
+            model_id = None  # a section of the yml, not a preset: infer the shapes from the weights
+        if not path and (model_id or default_model_id):
+            section = model_id or default_model_id
+            return _random_model(config_from_yaml(cfg_path, section), args, f"'{section}' from {cfg_path}")
+    device = resolve_device(getattr(args, "device", None))
+    dtype = parse_dtype(getattr(args, "dtype", None))
     if path:
         return load_pretrained(path, device=device, dtype=dtype, model_id=model_id)
     if model_id is None and DEFAULT_MODEL in list_shipped_models():
         return load_pretrained(DEFAULT_MODEL, device=device, dtype=dtype)
     preset = model_id or default_random_preset
-    try:
-        config = MambaByteConfig.from_preset(preset)
-    except MambaByteError:
-        raise
-    warnings.warn(
-        f"no --pretrained_model_filepath and no shipped model: using a RANDOMLY INITIALISED {preset} model "
-        f"(seed {getattr(args, 'seed', 0)}); its outputs are meaningless",
-        stacklevel=2,
-    )
-    sys.stderr.write(
-        f"warning: using a randomly initialised '{preset}' model (no checkpoint given or shipped)\n"
-    )
-    torch.manual_seed(int(getattr(args, "seed", 0) or 0))
-    model = MambaByteLM(config, device=device)
-    if dtype is not None:
-        model = model.to(dtype)
-        for layer in model.backbone.layers:
-            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
-            layer.mixer.D.data = layer.mixer.D.data.float()
-    return model.eval()
+    return _random_model(MambaByteConfig.from_preset(preset), args,
+                         f"'{preset}' (no checkpoint given or shipped)")
 
 
 def read_prompt(args, allow_empty: bool = False) -> bytes:

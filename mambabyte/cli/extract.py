@@ -91,62 +91,6 @@ def _add_kind_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # model
-def _load(args):
-    """load_model, plus the paper's --config_path: a random model of the yml's --model_id section."""
-    import torch
-
-    cfg_path = getattr(args, "config_path", None)
-    yml_cfg = None
-    if cfg_path is not None:
-        yml_general = _read_general(cfg_path)
-        if args.dtype is None and yml_general.get("dtype"):
-            args.dtype = str(yml_general["dtype"])
-        if args.device in (None, "auto") and yml_general.get("device"):
-            args.device = str(yml_general["device"])
-        if args.model_id is not None and not args.pretrained_model_filepath:
-            from ..config import config_from_yaml
-
-            yml_cfg = config_from_yaml(cfg_path, args.model_id)
-    if args.pretrained_model_filepath or yml_cfg is None:
-        from ..config import PRESETS
-
-        if args.pretrained_model_filepath and args.model_id is not None and args.model_id not in PRESETS:
-            # a section of the yml, not a preset: let the loader infer the shapes from the weights
-            args.model_id = None
-        return load_model(args)
-    # --config_path + --model_id and no checkpoint: the paper code's random initialisation of that config
-    from ..model import MambaByteLM
-    from .common import resolve_device
-
-    sys.stderr.write(f"warning: no --pretrained_model_filepath: using a RANDOMLY INITIALISED model "
-                     f"'{args.model_id}' from {cfg_path}; its outputs are meaningless\n")
-    torch.manual_seed(args.seed)
-    model = MambaByteLM(yml_cfg, device=resolve_device(args.device))
-    dtype = parse_dtype(args.dtype)
-    if dtype is not None:
-        model = model.to(dtype)
-        for layer in model.backbone.layers:
-            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
-            layer.mixer.D.data = layer.mixer.D.data.float()
-    return model.eval()
-
-
-def _read_general(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as exc:
-        raise MambaByteError(f"cannot read --config_path {path!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise MambaByteError(f"--config_path {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    gen = doc.get("general") if isinstance(doc, dict) else None
-    return gen if isinstance(gen, dict) else {}
-
-
-# ---------------------------------------------------------------------------------------------------
-# run
 def run(kind: str, args) -> int:
     import torch
 
@@ -169,7 +113,7 @@ def run(kind: str, args) -> int:
         normalize_reduction(args.reduction, args.reduction_dim)  # bad pairs fail before the model loads
     prompt = read_prompt(args)
     torch.manual_seed(args.seed)
-    model = _load(args)
+    model = load_model(args)
     common = dict(
         layer_idxs=args.layer_idxs,
         out_dtype=out_dtype,

@@ -67,50 +67,9 @@ def build_parser() -> ArgumentParser:
 
 
 def load_generation_model(args, default_model_id: Optional[str] = None):
-    """``load_model`` plus the paper code's ``--config_path``: its ``general`` section sets the device and
-    dtype when not given, and without a checkpoint the ``model.<model_id>`` section is built with random
-    weights (the paper script's behaviour, warned)."""
-    cfg_path = getattr(args, "config_path", None)
-    if not cfg_path:
-        return load_model(args)
-    import torch
-    import yaml
-
-    from ..config import PRESETS, config_from_yaml
-    from ..model import MambaByteLM
-    from .common import parse_dtype, resolve_device
-
-    try:
-        with open(cfg_path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as exc:
-        raise MambaByteError(f"cannot read --config_path {cfg_path!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise MambaByteError(f"--config_path {cfg_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    general = doc.get("general") if isinstance(doc, dict) and isinstance(doc.get("general"), dict) else {}
-    if args.dtype is None and general.get("dtype"):
-        args.dtype = str(general["dtype"])
-    if args.device in (None, "auto") and general.get("device"):
-        args.device = str(general["device"])
-    if args.pretrained_model_filepath:
-        if args.model_id is not None and args.model_id not in PRESETS:
-            args.model_id = None  # a yml section name: let the loader infer shapes from the weights
-        return load_model(args)
-    model_id = args.model_id or default_model_id
-    if model_id is None:
-        return load_model(args)
-    cfg = config_from_yaml(cfg_path, model_id)
-    sys.stderr.write(f"warning: no --pretrained_model_filepath: using a RANDOMLY INITIALISED model '{model_id}' "
-                     f"from {cfg_path}; its outputs are meaningless\n")
-    torch.manual_seed(int(getattr(args, "seed", None) or 0))
-    model = MambaByteLM(cfg, device=resolve_device(args.device))
-    dtype = parse_dtype(args.dtype)
-    if dtype is not None:
-        model = model.to(dtype)
-        for layer in model.backbone.layers:
-            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
-            layer.mixer.D.data = layer.mixer.D.data.float()
-    return model.eval()
+    """``load_model`` with the paper script's default section of ``--config_path`` (see
+    :func:`mambabyte.cli.common.load_model`)."""
+    return load_model(args, default_model_id=default_model_id)
 
 
 def _save_target(name_or_path: str):

@@ -1,6 +1,7 @@
 """Checkpoint formats in and out (see :mod:`mambabyte.io.checkpoints`)."""
 
 from .checkpoints import (  # noqa: F401
+    atomic_write_file,
     atomic_write_text,
     config_from_dict,
     infer_config,

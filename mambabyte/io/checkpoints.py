@@ -338,12 +338,7 @@ def load_pretrained(name_or_path, device=None, dtype: Optional[torch.dtype] = No
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.to(own[k].dtype))
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-        # A_log and D stay fp32, as the reference keeps them
-        for layer in model.backbone.layers:
-            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
-            layer.mixer.D.data = layer.mixer.D.data.float()
+    model.cast_(dtype)  # A_log and D stay fp32, as the reference keeps them
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -370,6 +365,20 @@ def _atomic_write_bytes(target: Path, write_fn) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_file(target, write_fn) -> Path:
+    """Write ``target`` through ``write_fn(tmp_path)`` into a temp file renamed into place.
+
+    A failure (a full disk, a missing folder, no permission) leaves any old file intact and becomes one
+    :class:`MambaByteError` line.
+    """
+    target = Path(os.fspath(target)).expanduser()
+    try:
+        _atomic_write_bytes(target, write_fn)
+    except OSError as exc:
+        raise MambaByteError(f"could not write {str(target)!r}: {exc.strerror or exc}") from None
+    return target
 
 
 def _umask() -> int:
@@ -425,5 +434,6 @@ __all__ = [
     "list_shipped_models",
     "mambabyte_home",
     "atomic_write_text",
+    "atomic_write_file",
     "PRESETS",
 ]
