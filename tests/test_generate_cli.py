@@ -16,14 +16,6 @@ from mambabyte.cli import state as state_cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared CI)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def ckpt(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBABYTE_HOME", str(tmp_path / "home"))

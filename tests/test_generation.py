@@ -12,14 +12,6 @@ from mambabyte.generation import SamplingParams, StopMatcher, Utf8Stream, genera
 from mambabyte.generation.sampling import sample_from_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared CI)
-    yield
-    torch.set_num_threads(n)
-
-
 class ScriptedLM(MambaByteLM):
     """A real tiny MambaByte whose logits get +1e4 on ``script[bytes_consumed - offset]``, so greedy
     decoding emits the script exactly (the state still runs through the real model)."""

@@ -21,7 +21,6 @@ GOLDEN_BPB_4096 = 2.2827  # first 4,096 bytes of the committed Tempest excerpt, 
 @pytest.fixture(scope="module")
 def small():
     assert "mambabyte-small" in list_shipped_models(), "the shipped default model is missing from pretrained_models/"
-    torch.set_num_threads(1)
     return MambaByteLM.from_pretrained("mambabyte-small", device="cpu")
 
 

@@ -16,14 +16,6 @@ from mambabyte.generation.decode import prefill
 from test_generation import scripted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared CI)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturbed(model, scale, seed=0):
     """A drafter that agrees with the target often but not always."""
     d = copy.deepcopy(model)

@@ -12,14 +12,6 @@ from mambabyte.errors import MambaByteError, StateError
 from mambabyte.statelib import StateLibrary, read_state_file, resolve_state_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared CI)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBABYTE_HOME", str(tmp_path / "home"))
