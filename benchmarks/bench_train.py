@@ -38,7 +38,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_preset(preset: str, device: torch.device, batch: int, seq_len: int, steps: int, warmup: int,
-                 precision: str, compile_model: bool, micro_batch: int) -> dict:
+                 precision: str, compile_model: bool, micro_batch: int, checkpointing: bool = False) -> dict:
     from mambabyte import MambaByteLM
     from mambabyte.training.evaluate import autocast_context
     from mambabyte.training.trainer import _param_groups, compute_loss
@@ -49,6 +49,7 @@ def bench_preset(preset: str, device: torch.device, batch: int, seq_len: int, st
         torch.cuda.reset_peak_memory_stats(device)
     model = MambaByteLM.from_preset(preset, device=device)
     model.train()
+    model.gradient_checkpointing = checkpointing
     n_params = model.num_parameters()
     runner = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=4e-4, betas=(0.9, 0.95),
@@ -87,7 +88,7 @@ def bench_preset(preset: str, device: torch.device, batch: int, seq_len: int, st
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     res = {
-        "preset": preset, "params": n_params, "d_model": model.config.d_model, "n_layer": model.config.n_layer,
+        "preset": preset, "activation_checkpointing": checkpointing, "params": n_params, "d_model": model.config.d_model, "n_layer": model.config.n_layer,
         "batch": batch, "micro_batch": mb, "seq_len": seq_len, "steps_timed": steps,
         "ms_per_step": med * 1e3, "ms_per_step_min": min(times) * 1e3, "bytes_per_s": batch * seq_len / med,
         "final_loss": losses[-1], "precision": "bf16 autocast" if amp else "fp32",
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each block in the backward (less memory, more compute)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -129,13 +132,13 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "scan_backend": "cuda" if (ok and device.type == "cuda") else "reference", "backend_reason": why,
-        "compile": args.compile, "host": platform.node(),
+        "compile": args.compile, "activation_checkpointing": args.activation_checkpointing, "host": platform.node(),
     }
     results = []
     for preset in args.presets:
         try:
             r = bench_preset(preset, device, args.batch, args.seq_len, args.steps, args.warmup, args.precision,
-                             args.compile, args.micro_batch)
+                             args.compile, args.micro_batch, args.activation_checkpointing)
         except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
             r = {"preset": preset, "error": "OOM", "detail": str(exc).splitlines()[0]}
             torch.cuda.empty_cache()

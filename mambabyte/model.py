@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .config import MambaByteConfig
 from .errors import MambaByteError, StateError
@@ -84,6 +85,8 @@ class MambaByteLM(nn.Module):
         self.backbone = _Backbone(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self._init_weights()
+        # recompute each block's activations in the backward instead of keeping them (training only)
+        self.gradient_checkpointing = False
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
@@ -170,7 +173,12 @@ class MambaByteLM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             cs = state.conv[i] if state is not None else None
             ss = state.ssm[i] if state is not None else None
-            hidden, residual, new_conv, new_ssm = layer(hidden, residual, cs, ss)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, residual, new_conv, new_ssm = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, residual, cs, ss, use_reentrant=False
+                )
+            else:
+                hidden, residual, new_conv, new_ssm = layer(hidden, residual, cs, ss)
             if want_state:
                 convs.append(new_conv)
                 ssms.append(new_ssm)

@@ -160,3 +160,18 @@ def test_training_gradients_flow_through_state():
     loss.backward()
     g = m.backbone.layers[0].mixer.A_log.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = MambaByteLM(MambaByteConfig(d_model=32, n_layer=3)).double().train()
+    b = MambaByteLM(MambaByteConfig(d_model=32, n_layer=3)).double().train()
+    b.load_state_dict(a.state_dict())
+    b.gradient_checkpointing = True
+    x = torch.randint(0, 256, (2, 40))
+    for m in (a, b):
+        s = m(x[:, :15], return_state=True).state
+        out = m(x[:, 15:], state=s, return_state=True)
+        (out.logits.logsumexp(-1).mean() + out.state.ssm.pow(2).mean()).backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)

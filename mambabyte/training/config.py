@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
     check_sync: bool = False  # at the end, verify every rank holds identical parameters
     seed: int = 0

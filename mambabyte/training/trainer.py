@@ -414,6 +414,7 @@ class Trainer:
             del init
         raw = raw.to(self.device)
         raw.train()
+        raw.gradient_checkpointing = bool(cfg.activation_checkpointing)
         self.raw = raw
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
