@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("--drafter_id", default=None, help="preset name for a drafter checkpoint without config")
     sp.add_argument("--draft_len", type=int, default=4, help="bytes drafted per verification (default 4)")
     sp.add_argument("--graph_verify", action="store_true",
-                    help="replay verification calls from CUDA graphs (GPU; experimental, not yet run on a GPU)")
+                    help="replay verification calls from CUDA graphs (GPU; one graph per verification length)")
     sp.add_argument("--adaptive", action="store_true", help="grow draft_len on full acceptance, shrink on early rejection")
     return p
 
