@@ -11,8 +11,6 @@ Quick use::
 
 from .config import PRESETS, MambaByteConfig
 from .errors import CheckpointError, MambaByteError, StateError
-from .model import MambaByteLM, MambaByteOutput
-from .state import MambaState
 
 __version__ = "0.1.0"
 
@@ -28,8 +26,12 @@ __all__ = [
     "__version__",
 ]
 
-# Names that live in heavier sub-modules are imported on first use, keeping `import mambabyte` fast.
+# Names that need torch (or heavier sub-modules) are imported on first use: `import mambabyte` itself
+# does not import torch, so it stays fast (the first model use pays torch's own import time).
 _LAZY = {
+    "MambaByteLM": ("mambabyte.model", "MambaByteLM"),
+    "MambaByteOutput": ("mambabyte.model", "MambaByteOutput"),
+    "MambaState": ("mambabyte.state", "MambaState"),
     "save_state": ("mambabyte.statelib", "save_state"),
     "load_state": ("mambabyte.statelib", "load_state"),
     "build_state": ("mambabyte.statelib", "build_state"),
@@ -45,3 +47,7 @@ def __getattr__(name):
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'mambabyte' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -10,13 +10,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_import_is_light():
     code = (
         "import sys, mambabyte\n"
-        "heavy = [m for m in ('matplotlib', 'datasets', 'huggingface_hub', 'tokenizers', 'triton', 'yaml',"
+        "heavy = [m for m in ('torch', 'matplotlib', 'datasets', 'huggingface_hub', 'tokenizers', 'triton', 'yaml',"
         " 'mambabyte._C', 'mambabyte.training', 'mambabyte.generation', 'mambabyte.analysis') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+    # the lazy names resolve
+    r = subprocess.run([sys.executable, "-c", "from mambabyte import MambaByteLM, MambaState, load_state; print('ok')"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_dispatcher_help_and_unknown_command(capsys):
