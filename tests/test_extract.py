@@ -394,3 +394,22 @@ def test_imports_stay_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_load_artefact_refuses_code_in_pickles(tmp_path):
+    import os
+    import pickle
+
+    from mambabyte.analysis.artefact import load_artefact
+    from mambabyte.errors import MambaByteError
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pkl"
+    with open(bad, "wb") as f:
+        pickle.dump({"prompt": "x", "layer_idxs": [0], "payload": Evil()}, f)
+    with pytest.raises(MambaByteError, match="refusing to load"):
+        load_artefact(bad)
+    assert not (tmp_path / "pwned").exists()

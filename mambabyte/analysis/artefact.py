@@ -105,8 +105,52 @@ def save_artefact(artefact: Dict[str, Any], path) -> Path:
     return atomic_write_file(target, write)
 
 
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data and torch tensors only; any other global (os.system, eval, a class) is refused.
+
+    A pickle can run arbitrary code through the globals it names, and artefacts are files people
+    share, so only what an artefact needs is resolved: builtin containers and scalars, OrderedDict,
+    torch dtypes, torch's tensor rebuild function, and the storage loader (replaced by one that reads the
+    storage bytes with ``torch.load(weights_only=True)``), plus numpy's array reconstruction.
+    """
+
+    _BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float",
+                 "bool", "complex", "slice", "range"}
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if module == "builtins" and name in self._BUILTINS:
+            import builtins
+
+            return getattr(builtins, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            import torch._utils
+
+            return getattr(torch._utils, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            import io
+
+            return lambda b: torch.load(io.BytesIO(b), weights_only=True)
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            import numpy
+
+            return getattr(numpy, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (artefacts hold only data and tensors)")
+
+
 def load_artefact(path) -> Dict[str, Any]:
-    """Read and check an artefact. Pickles run code when loaded: open only artefacts you trust."""
+    """Read and check an artefact. Only data and tensors are unpickled; code references are refused."""
     p = Path(os.fspath(path)).expanduser()
     if not p.is_file():
         raise MambaByteError(f"no artefact at {str(p)!r}")
@@ -114,7 +158,7 @@ def load_artefact(path) -> Dict[str, Any]:
         import torch  # noqa: F401  (tensors inside the pickle need it)
 
         with open(p, "rb") as f:
-            art = pickle.load(f)
+            art = _SafeUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError, KeyError,
             IndexError) as exc:
         raise MambaByteError(f"{str(p)!r} is not a readable artefact pickle: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
