@@ -137,20 +137,25 @@ def preset_names():
     return list(PRESETS)
 
 
+def read_yaml(path: str, what: str = "config") -> Any:
+    """The parsed YAML document at ``path``; an unreadable or invalid file is one MambaByteError line."""
+    import yaml  # fast, but only needed here
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as exc:
+        raise MambaByteError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise MambaByteError(f"{what} {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def config_from_yaml(path: str, model_id: str) -> MambaByteConfig:
     """A config from a YAML file in the paper code's layout (model.common + model.<model_id>).
 
     ``num_layers`` is accepted for ``n_layer``; unknown keys are an error.
     """
-    import yaml  # fast, but only needed here
-
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as exc:
-        raise MambaByteError(f"cannot read config {path!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise MambaByteError(f"config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    doc = read_yaml(path)
     model = (doc or {}).get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict):
         raise MambaByteError(f"config {path!r} has no 'model' section")

@@ -105,15 +105,9 @@ def add_model_args(p: argparse.ArgumentParser, paper_names: bool = True) -> None
 
 def read_yaml_general(path: str) -> dict:
     """The ``general`` section (device, dtype) of a paper-style config YAML; {} when absent."""
-    import yaml
+    from ..config import read_yaml
 
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as exc:
-        raise MambaByteError(f"cannot read --config_path {path!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise MambaByteError(f"--config_path {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    doc = read_yaml(path, "--config_path")
     gen = doc.get("general") if isinstance(doc, dict) else None
     return gen if isinstance(gen, dict) else {}
 
