@@ -40,12 +40,11 @@ class _LinearRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, x: Tensor, h0: Tensor) -> Tensor:
-        T = a.shape[0]
         hs = torch.empty_like(x)
         h = h0
-        for t in range(T):
-            torch.addcmul(x[t], a[t], h, out=hs[t])
-            h = hs[t]
+        for a_t, x_t, h_t in zip(a.unbind(0), x.unbind(0), hs.unbind(0)):
+            torch.addcmul(x_t, a_t, h, out=h_t)
+            h = h_t
         ctx.save_for_backward(a, hs, h0)
         return hs
 
@@ -54,23 +53,13 @@ class _LinearRecurrence(torch.autograd.Function):
         a, hs, h0 = ctx.saved_tensors
         T = a.shape[0]
         g = grad_hs.clone()
+        g_steps, a_steps = g.unbind(0), a.unbind(0)
         for t in range(T - 2, -1, -1):
-            g[t].addcmul_(a[t + 1], g[t + 1])
+            g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
         prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0)
         da = g * prev
         dh0 = a[0] * g[0]
         return da, g, dh0
-
-
-def _linear_recurrence(a: Tensor, x: Tensor, h0: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad or h0.requires_grad):
-        return _LinearRecurrence.apply(a, x, h0)
-    hs = torch.empty_like(x)
-    h = h0
-    for t in range(a.shape[0]):
-        torch.addcmul(x[t], a[t], h, out=hs[t])
-        h = hs[t]
-    return hs
 
 
 def _bc_time_major(M: Tensor, d: int, dtype: torch.dtype) -> Tuple[Tensor, bool]:
@@ -167,8 +156,11 @@ def selective_scan_ref(
     Af = A.to(cdt)
     Bt, B_var = _bc_time_major(B, d, cdt)
     Ct, C_var = _bc_time_major(C, d, cdt)
-    u_t = uf.permute(2, 0, 1)  # (L, b, d)
-    dt_t = dt.permute(2, 0, 1)  # (L, b, d)
+    u_t = uf.permute(2, 0, 1).contiguous()  # (L, b, d): time-major, so each step's slice is contiguous
+    dt_t = dt.permute(2, 0, 1).contiguous()  # (L, b, d)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
+    )
 
     if initial_state is None:
         h = torch.zeros(b, d, n, dtype=cdt, device=u.device)
@@ -179,11 +171,19 @@ def selective_scan_ref(
     for s in range(0, L, chunk_size):
         e = min(L, s + chunk_size)
         dts = dt_t[s:e]  # (T, b, d)
-        dA = torch.exp(dts.unsqueeze(-1) * Af)  # (T, b, d, n)
         Bs = Bt[s:e] if B_var else Bt
         Cs = Ct[s:e] if C_var else Ct
-        dBu = (dts * u_t[s:e]).unsqueeze(-1) * Bs  # (T, b, d, n)
-        hs = _linear_recurrence(dA, dBu, h)
+        if needs_grad:
+            dA = torch.exp(dts.unsqueeze(-1) * Af)  # (T, b, d, n)
+            dBu = (dts * u_t[s:e]).unsqueeze(-1) * Bs  # (T, b, d, n)
+            hs = _LinearRecurrence.apply(dA, dBu, h)
+        else:  # inference: same arithmetic, in place, no autograd bookkeeping
+            dA = torch.mul(dts.unsqueeze(-1), Af).exp_()
+            hs = torch.mul((dts * u_t[s:e]).unsqueeze(-1), Bs)  # dBu, overwritten by the states
+            prev = h
+            for a_t, h_t in zip(dA.unbind(0), hs.unbind(0)):  # unbind: all step views made in one call
+                h_t.addcmul_(a_t, prev)
+                prev = h_t
         if C_var and Cs.shape[2] == 1:
             ys.append(torch.matmul(hs, Cs.transpose(-1, -2)).squeeze(-1))  # (T, b, d)
         else:
