@@ -59,8 +59,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["mambabyte", "mambabyte.*"]),
-    package_data={"mambabyte": ["data_files/**/*", "configs/*.yml"]},
+    # the shipped models live in pretrained_models/ at the top of the repo; they are installed inside the
+    # package as mambabyte/pretrained_models so that a wheel (not only an editable install) finds them
+    packages=find_packages(include=["mambabyte", "mambabyte.*"]) + ["mambabyte.pretrained_models"],
+    package_dir={"mambabyte.pretrained_models": "pretrained_models"},
+    package_data={"mambabyte.pretrained_models": ["*/*.json", "*/*.safetensors", "*/README.md", "README.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
