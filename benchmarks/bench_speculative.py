@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 import torch  # noqa: E402
 
-from mambabyte import MambaByteLM  # noqa: E402
 from mambabyte.generation import generate  # noqa: E402
-from mambabyte.generation.cuda_graph import get_step_runner  # noqa: E402
+
+from bench_generate import _sync, make_model, step_only_rate  # noqa: E402  (sibling script in benchmarks/)
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 RESULTS = {"meta": {}, "measured": [], "cost": [], "projection": []}
@@ -50,11 +50,6 @@ def _dump(path):
         with open(path + ".tmp", "w") as f:
             json.dump(RESULTS, f, indent=2)
         os.replace(path + ".tmp", path)
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _median(xs):
@@ -120,31 +115,9 @@ def measure_pair(args):
 
 # ---------------------------------------------------------------------------------------------------
 # part 2: cost model at large shapes
-def make_model(preset, dev, dtype):
-    torch.manual_seed(0)
-    m = MambaByteLM.from_preset(preset, device=dev)
-    if dtype != torch.float32:
-        m = m.to(dtype)
-        for layer in m.backbone.layers:
-            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
-            layer.mixer.D.data = layer.mixer.D.data.float()
-    return m.eval()
-
-
-@torch.no_grad()
 def step_time(m, graph=True, n=200):
-    dev = m.device
-    runner = get_step_runner(m, 1, use_cuda_graph=graph)
-    runner.load(m.allocate_state(1))
-    tok = torch.tensor([65], device=dev)
-    for _ in range(5):
-        runner(tok)
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(n):
-        runner(tok)
-    _sync(dev)
-    return (time.perf_counter() - t) / n
+    """Seconds per graph-replayed (or eager) decode step at batch 1."""
+    return 1.0 / step_only_rate(m, 1, n, graph)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -264,5 +265,3 @@ class MambaByteLM(nn.Module):
 
         return generate(self, *args, **kwargs)
 
-
-import os  # noqa: E402  (only for the type annotation above)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -270,6 +269,5 @@ def train_subword_drafter(
         vt = b"".join(_read_files(val))
         summary["val_bpb"] = round(drafter.bits_per_byte(vt), 4)
     drafter.save_pretrained(out_dir, dtype=torch.bfloat16, extra_config={"subword_drafter": summary})
-    os.makedirs(out_dir, exist_ok=True)
     log(json.dumps(summary))
     return summary
