@@ -714,11 +714,18 @@ def train(config: Union[None, str, Path, Mapping[str, Any], TrainConfig] = None,
     ov.update(kwargs)
     cfg = make_config(config, ov)
     d = setup_distributed(cfg)
+    ok = False
     try:
-        return Trainer(cfg, d).run()
+        res = Trainer(cfg, d).run()
+        ok = True
+        return res
     finally:
         if d.created_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if ok:
+                    # every rank leaves together: a rank that tears its connections down while a peer is
+                    # still writing its summary can make gloo abort that peer (seen on a loaded CI box)
+                    dist.barrier()
                 dist.destroy_process_group()
