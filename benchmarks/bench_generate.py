@@ -146,10 +146,18 @@ def bench_gpu(args):
         row = {"shape": preset, "dtype": args.dtype, "params": m.num_parameters(), "weight_bytes": wb,
                "floor_bytes_per_s_b1": floor}
         RESULTS["gpu"].append(row)
+        from mambabyte.ops import cuda_backend
+
+        modes = {"both": [False, True], "on": [True], "off": [False]}[args.fused_block_step]
         for batch in args.batch_sizes:
             t0 = time.perf_counter()
-            row[f"decode_b{batch}_graph"] = decode_rate(m, batch, args.decode_bytes, graph=True)
-            row[f"step_only_b{batch}_graph"] = step_only_rate(m, batch, args.decode_bytes, graph=True)
+            for fused in modes:
+                # the per-op decode step, and the fused three-launch block step (csrc/layer_step.cu)
+                cuda_backend.FUSED_BLOCK_STEP = fused
+                tag = "_fused" if fused else ""
+                row[f"decode_b{batch}_graph{tag}"] = decode_rate(m, batch, args.decode_bytes, graph=True)
+                row[f"step_only_b{batch}_graph{tag}"] = step_only_rate(m, batch, args.decode_bytes, graph=True)
+            cuda_backend.FUSED_BLOCK_STEP = False
             if batch == 1 and not args.skip_eager:
                 row["decode_b1_eager"] = decode_rate(m, 1, max(32, args.decode_bytes // 8), graph=False)
             row[f"decode_b{batch}_s"] = time.perf_counter() - t0
@@ -231,6 +239,8 @@ def main(argv=None):
     p.add_argument("--prefill_reps", type=int, default=3)
     p.add_argument("--skip_prefill", action="store_true")
     p.add_argument("--skip_eager", action="store_true")
+    p.add_argument("--fused_block_step", default="both", choices=["both", "on", "off"],
+                   help="decode with the fused three-launch block step, the per-op step, or both (GPU)")
     p.add_argument("--cpu_only", action="store_true")
     p.add_argument("--skip_cpu", action="store_true")
     p.add_argument("--cpu_shapes", nargs="+", default=["shipped"],

@@ -362,6 +362,125 @@ Tensor conv_step(const Tensor& x, const Tensor& state, const Tensor& weight, con
   return out;
 }
 
+// One Mamba block at decode (see layer_step.cu). E-typed tensors share hidden's dtype; conv_w (d_inner,
+// w), conv_b, dt_b, A (d_inner, n), D and both states are fp32. counters: int32, zero, at least
+// ceil(b / 8) * ceil(d_inner / 256) elements (left zero). Returns (block output, new residual).
+std::vector<Tensor> layer_step(const Tensor& hidden, const OptT& residual, bool residual_f32, const Tensor& norm_w,
+                               const OptT& norm_b, double eps, bool rms, const Tensor& in_w, const OptT& in_b,
+                               const Tensor& conv_w, const OptT& conv_b, const Tensor& conv_state, const Tensor& x_w,
+                               const Tensor& dt_w, const OptT& dt_b, const Tensor& A, const OptT& D,
+                               const Tensor& ssm_state, const Tensor& out_w, const OptT& out_b,
+                               const Tensor& counters) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const auto E = hidden.scalar_type();
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be (b, d_model)");
+  const int64_t b = hidden.size(0), Dm = hidden.size(1);
+  TORCH_CHECK(in_w.dim() == 2 && in_w.size(1) == Dm && in_w.size(0) % 2 == 0, "in_proj weight must be (2 d_inner, d_model)");
+  const int64_t di = in_w.size(0) / 2;
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == di, "A must be (d_inner, n)");
+  const int64_t n = A.size(1);
+  TORCH_CHECK(dt_w.dim() == 2 && dt_w.size(0) == di, "dt_proj weight must be (d_inner, R)");
+  const int64_t R = dt_w.size(1);
+  TORCH_CHECK(conv_w.dim() == 2 && conv_w.size(0) == di && conv_w.size(1) >= 1 && conv_w.size(1) <= 4,
+              "conv weight must be (d_inner, w), w <= 4");
+  const int64_t w = conv_w.size(1);
+  TORCH_CHECK(b >= 1 && Dm % 8 == 0 && di % 16 == 0, "layer_step needs d_model % 8 == 0 and d_inner % 16 == 0");
+  auto check_e = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
+    CHECK_CUDA(t);
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK(t.scalar_type() == E, name, " must have hidden's dtype");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has the wrong shape");
+    TORCH_CHECK(aligned16(t.data_ptr()), name, " must be 16-byte aligned");
+  };
+  auto check_f = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
+    CHECK_CUDA(t);
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    CHECK_F32(t);
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has the wrong shape");
+  };
+  check_e(hidden, "hidden", {b, Dm});
+  check_e(norm_w, "norm weight", {Dm});
+  if (norm_b.has_value()) check_e(*norm_b, "norm bias", {Dm});
+  check_e(in_w, "in_proj weight", {2 * di, Dm});
+  if (in_b.has_value()) check_e(*in_b, "in_proj bias", {2 * di});
+  check_f(conv_w, "conv weight", {di, w});
+  if (conv_b.has_value()) check_f(*conv_b, "conv bias", {di});
+  check_f(conv_state, "conv state", {b, di, w});
+  check_e(x_w, "x_proj weight", {R + 2 * n, di});
+  check_e(dt_w, "dt_proj weight", {di, R});
+  if (dt_b.has_value()) check_f(*dt_b, "dt bias", {di});
+  check_f(A, "A", {di, n});
+  if (D.has_value()) check_f(*D, "D", {di});
+  check_f(ssm_state, "ssm state", {b, di, n});
+  check_e(out_w, "out_proj weight", {Dm, di});
+  if (out_b.has_value()) check_e(*out_b, "out_proj bias", {Dm});
+  const bool res_f32 = (E == at::kFloat) || residual_f32;
+  const auto RT = res_f32 ? at::kFloat : E;
+  if (residual.has_value()) {
+    CHECK_CUDA(*residual);
+    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == RT && residual->sizes() == hidden.sizes(),
+                "residual must be contiguous (b, d_model) in ", RT);
+  }
+  const int64_t chunks = (b + mb::kLsMaxB - 1) / mb::kLsMaxB;
+  const int64_t nblk = di / mb::kLsInChannels;
+  const int64_t groups = (nblk + mb::kLsGroup - 1) / mb::kLsGroup;
+  CHECK_CUDA(counters);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous() && counters.numel() >= chunks * groups,
+              "counters must be int32 with at least ", chunks * groups, " elements");
+  const int64_t J = R + 2 * n;
+
+  mb::LayerStepParams p;
+  p.batch = (int)b;
+  p.d_model = (int)Dm;
+  p.d_inner = (int)di;
+  p.d_state = (int)n;
+  p.dt_rank = (int)R;
+  p.d_conv = (int)w;
+  p.n_in_blocks = (int)nblk;
+  p.n_groups = (int)groups;
+  p.rms = rms ? 1 : 0;
+  p.eps = (float)eps;
+  p.residual_f32 = res_f32 ? 1 : 0;
+  TORCH_CHECK(mb::layer_step_smem(p, dtype_code(hidden)) >= 0, "layer_step: d_model too large for shared memory");
+  auto opt_ptr = [](const OptT& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
+  auto opt_fptr = [](const OptT& t) -> const float* { return t.has_value() ? t->data_ptr<float>() : nullptr; };
+  Tensor out = at::empty_like(hidden);
+  Tensor res_out = at::empty({b, Dm}, hidden.options().dtype(RT));
+  Tensor xc = at::empty({b, di}, hidden.options());
+  Tensor z = at::empty({b, di}, hidden.options());
+  Tensor y = at::empty({b, di}, hidden.options());
+  Tensor part = at::empty({chunks * nblk * mb::kLsMaxB * J}, hidden.options().dtype(at::kFloat));
+  Tensor gpart = at::empty({chunks * groups * mb::kLsMaxB * J}, hidden.options().dtype(at::kFloat));
+  p.hidden = hidden.data_ptr();
+  p.residual = opt_ptr(residual);
+  p.residual_out = res_out.data_ptr();
+  p.norm_w = norm_w.data_ptr();
+  p.norm_b = opt_ptr(norm_b);
+  p.in_w = in_w.data_ptr();
+  p.in_b = opt_ptr(in_b);
+  p.conv_w = conv_w.data_ptr<float>();
+  p.conv_b = opt_fptr(conv_b);
+  p.conv_state = conv_state.data_ptr<float>();
+  p.x_w = x_w.data_ptr();
+  p.dt_w = dt_w.data_ptr();
+  p.dt_b = opt_fptr(dt_b);
+  p.A = A.data_ptr<float>();
+  p.D = opt_fptr(D);
+  p.ssm_state = ssm_state.data_ptr<float>();
+  p.out_w = out_w.data_ptr();
+  p.out_b = opt_ptr(out_b);
+  p.xc = xc.data_ptr();
+  p.z = z.data_ptr();
+  p.y = y.data_ptr();
+  p.part = part.data_ptr<float>();
+  p.gpart = gpart.data_ptr<float>();
+  p.counters = counters.data_ptr<int>();
+  p.out = out.data_ptr();
+  mb::layer_step(p, dtype_code(hidden), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, res_out};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MambaByte CUDA kernels: resumable selective scan, causal conv1d, decode steps";
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
@@ -370,4 +489,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d backward");
   m.def("ssm_step", &ssm_step, "one selective-scan step, in place");
   m.def("conv_step", &conv_step, "one causal-conv step, in place");
+  m.def("layer_step", &layer_step, "one Mamba block at decode: add + norm + mixer step, states in place");
 }

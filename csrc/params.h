@@ -107,6 +107,47 @@ struct ConvStepParams {
   void* out = nullptr;       // (b, d), x's dtype
 };
 
+// One whole Mamba block at decode (layer_step.cu): residual add + norm + in_proj + conv step + x_proj
+// (kernel 1), dt_proj + softplus + state update + D skip + gate (kernel 2), out_proj (kernel 3).
+// E = the weights' and activations' dtype; the residual is fp32 (residual_f32) or E.
+struct LayerStepParams {
+  int batch = 0, d_model = 0, d_inner = 0, d_state = 0, dt_rank = 0, d_conv = 0;
+  int n_in_blocks = 0;  // kernel 1 blocks along d_inner (d_inner / kLsInChannels)
+  int n_groups = 0;     // groups of kLsGroup kernel-1 blocks whose x_proj partials are pre-reduced
+  int rms = 0;          // RMSNorm (no bias) instead of LayerNorm
+  float eps = 1e-5f;
+  int residual_f32 = 1;
+  const void* hidden = nullptr;    // (b, D) E: the previous block's output (or the embedding)
+  const void* residual = nullptr;  // (b, D) or null (first block: residual = hidden)
+  void* residual_out = nullptr;    // (b, D)
+  const void* norm_w = nullptr;    // (D,) E
+  const void* norm_b = nullptr;    // (D,) E or null
+  const void* in_w = nullptr;      // (2 di, D) E
+  const void* in_b = nullptr;      // (2 di,) E or null
+  const float* conv_w = nullptr;   // (di, w) fp32
+  const float* conv_b = nullptr;   // (di,) fp32 or null
+  float* conv_state = nullptr;     // (b, di, w) fp32, in place
+  const void* x_w = nullptr;       // (R + 2n, di) E
+  const void* dt_w = nullptr;      // (di, R) E
+  const float* dt_b = nullptr;     // (di,) fp32 or null (softplus after it)
+  const float* A = nullptr;        // (di, n) fp32 (= -exp(A_log))
+  const float* D = nullptr;        // (di,) fp32 or null
+  float* ssm_state = nullptr;      // (b, di, n) fp32, in place
+  const void* out_w = nullptr;     // (D, di) E
+  const void* out_b = nullptr;     // (D,) E or null
+  void* xc = nullptr;              // scratch (b, di) E: conv output after silu
+  void* z = nullptr;               // scratch (b, di) E: the gate
+  void* y = nullptr;               // scratch (b, di) E: the SSM output (out_proj's input)
+  float* part = nullptr;           // scratch (n_chunks, n_in_blocks, kLsMaxB, R + 2n) x_proj partials
+  float* gpart = nullptr;          // scratch (n_chunks, n_groups, kLsMaxB, R + 2n) group sums
+  int* counters = nullptr;         // (n_chunks, n_groups) int32, zero on entry, zero again on exit
+  void* out = nullptr;             // (b, D) E: this block's output
+};
+
+constexpr int kLsMaxB = 8;          // batch rows one kernel-1 / kernel-3 block handles (grid.y covers more)
+constexpr int kLsInChannels = 16;   // d_inner channels per kernel-1 block (32 in_proj rows)
+constexpr int kLsGroup = 16;        // kernel-1 blocks per x_proj pre-reduction group
+
 // Host entry points (defined in the .cu files).
 void scan_fwd_f32(ScanParams& p, cudaStream_t s);
 void scan_fwd_f16(ScanParams& p, cudaStream_t s);
@@ -118,6 +159,9 @@ void conv_fwd(ConvParams& p, int dtype, cudaStream_t s);
 void conv_bwd(ConvParams& p, int dtype, cudaStream_t s);
 void ssm_step(StepParams& p, int dtype, cudaStream_t s);
 void conv_step(ConvStepParams& p, int x_dtype, int state_dtype, cudaStream_t s);
+// Returns the dynamic shared memory kernel 1 needs, or -1 if it exceeds the device's limit.
+int layer_step_smem(const LayerStepParams& p, int dtype);
+void layer_step(LayerStepParams& p, int dtype, cudaStream_t s);
 
 constexpr int kScanItems = 8;                  // time steps per thread
 constexpr int kScanChunk = 32 * kScanItems;    // time steps per warp per chunk

@@ -10,6 +10,7 @@ checkpoints load unchanged; see :mod:`mambabyte.io` for the other formats.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -207,14 +208,34 @@ class MambaByteLM(nn.Module):
         self.check_state(state, byte_ids.shape[0])
         hidden = self.backbone.embedding(byte_ids)
         residual = None
-        for i, layer in enumerate(self.backbone.layers):
-            hidden, residual = layer.step(hidden, residual, state.conv[i], state.ssm[i])
+        if hidden.is_cuda and self._fused_block_step_ok(state, hidden.shape[0]):
+            from .ops.cuda_backend import fused_blocks_step
+
+            hidden, residual = fused_blocks_step(self, hidden, state)
+        else:
+            for i, layer in enumerate(self.backbone.layers):
+                hidden, residual = layer.step(hidden, residual, state.conv[i], state.ssm[i])
         residual = hidden + residual if residual is not None else hidden
         if self.config.residual_in_fp32:
             residual = residual.float()
         hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
         state.bytes_consumed += 1
         return self.lm_head(hidden)[..., : self.config.vocab_size]
+
+    def _fused_block_step_ok(self, state: MambaState, batch: int) -> bool:
+        """Whether :meth:`step` runs each block as the three fused kernels of ``csrc/layer_step.cu``
+        (CUDA, opt-in with ``MAMBABYTE_FUSED_BLOCK_STEP=1``); the reason it does not is logged once."""
+        from . import ops
+
+        if not ops.cuda_backend_status()[0]:
+            return False
+        from .ops.cuda_backend import fused_block_step_unsupported
+
+        why = fused_block_step_unsupported(self, state, batch)
+        if why is not None and why != getattr(self, "_mb_fused_why", None):
+            self._mb_fused_why = why
+            logging.getLogger("mambabyte.model").info("model.step: per-op decode path (%s)", why)
+        return why is None
 
     # -- identity -----------------------------------------------------------------------------------
     def fingerprint(self) -> str:

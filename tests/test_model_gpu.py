@@ -48,3 +48,96 @@ def test_bf16_training_step_runs_on_kernels(pair):
     loss.backward()
     grads = [p.grad for p in gpu.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# -- the fused block step (csrc/layer_step.cu): add + norm + in_proj + conv + x_proj | dt_proj + state
+#    update + gate | out_proj, three launches per block; opt-in with MAMBABYTE_FUSED_BLOCK_STEP=1
+def _random_model(cfg, dtype, seed=0):
+    torch.manual_seed(seed)
+    m = MambaByteLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:  # non-trivial norm weights and biases
+                p.add_(0.1 * torch.randn_like(p))
+    return m.cuda().cast_(dtype)
+
+
+def _steps(model, state, ids, fused, monkeypatch):
+    from mambabyte.ops import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "FUSED_BLOCK_STEP", fused)
+    assert (cuda_backend.fused_block_step_unsupported(model, state, ids.shape[0]) is None) == fused
+    with torch.no_grad():
+        return torch.stack([model.step(ids[:, t], state).float() for t in range(ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm,res_fp32,bias", [("layernorm", True, False), ("rmsnorm", False, True)])
+@pytest.mark.parametrize("batch", [1, 3, 11])
+def test_fused_block_step_matches_per_op_step(monkeypatch, dtype, norm, res_fp32, bias, batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = MambaByteConfig(d_model=64, n_layer=2, norm=norm, residual_in_fp32=res_fp32, bias=bias)
+    m = _random_model(cfg, dtype)
+    ids = torch.randint(0, 256, (batch, 40), device="cuda")
+    with torch.no_grad():
+        start = m(ids[:, :24], return_state=True).state  # a non-zero state to continue from
+    s_ref, s_fused = start.clone(), start.clone()
+    ref = _steps(m, s_ref, ids[:, 24:], False, monkeypatch)
+    got = _steps(m, s_fused, ids[:, 24:], True, monkeypatch)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    stol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(s_fused.ssm, s_ref.ssm, **stol)
+    torch.testing.assert_close(s_fused.conv, s_ref.conv, **stol)
+    assert s_fused.bytes_consumed == s_ref.bytes_consumed
+
+
+@pytest.mark.parametrize("batch", [1, 8, 9])
+def test_fused_block_step_at_a_real_width_is_deterministic_and_matches(monkeypatch, batch):
+    """d_model 1024: 128 kernel-1 blocks in 8 groups (the grouped x_proj reduction), bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    m = _random_model(MambaByteConfig(d_model=1024, n_layer=2), torch.bfloat16)
+    ids = torch.randint(0, 256, (batch, 12), device="cuda")
+    with torch.no_grad():
+        start = m(ids[:, :4], return_state=True).state
+    ref = _steps(m, start.clone(), ids[:, 4:], False, monkeypatch)
+    s1, s2 = start.clone(), start.clone()
+    a = _steps(m, s1, ids[:, 4:], True, monkeypatch)
+    b = _steps(m, s2, ids[:, 4:], True, monkeypatch)
+    assert torch.equal(a, b) and torch.equal(s1.ssm, s2.ssm)  # no float atomics: bit-identical reruns
+    torch.testing.assert_close(a, ref, rtol=3e-2, atol=5e-2)
+
+
+def test_fused_block_step_under_cuda_graph_generates_the_same_greedy_text(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.ops import cuda_backend
+
+    m = _random_model(MambaByteConfig(d_model=128, n_layer=3), torch.float32)
+    monkeypatch.setattr(cuda_backend, "FUSED_BLOCK_STEP", False)
+    plain = m.generate("The state of", max_new_bytes=64, temperature=0)
+    monkeypatch.setattr(cuda_backend, "FUSED_BLOCK_STEP", True)
+    fused = m.generate("The state of", max_new_bytes=64, temperature=0)
+    assert fused.stats.cuda_graph
+    assert fused.bytes == plain.bytes
+    torch.testing.assert_close(fused.state.ssm, plain.state.ssm, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_block_step_falls_back_when_it_cannot_run(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.ops import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "FUSED_BLOCK_STEP", True)
+    m = _random_model(MambaByteConfig(d_model=60, n_layer=1), torch.float32)  # d_model % 8 != 0
+    s = m.allocate_state(1)
+    assert "d_model" in cuda_backend.fused_block_step_unsupported(m, s, 1)
+    with torch.no_grad():
+        assert m.step(torch.tensor([65], device="cuda"), s).shape == (1, 256)  # the per-op path
+    m2 = _random_model(MambaByteConfig(d_model=64, n_layer=1), torch.float32)
+    assert cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(1), 1) is None
+    h = m2.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda *a: None)
+    assert "hooks" in cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(1), 1)
+    h.remove()

@@ -453,3 +453,100 @@ def mamba_decode_step_cuda(
         _f32(dt_proj_bias),
         True,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole blocks at decode: add + norm + mixer step in three launches per block (csrc/layer_step.cu)
+# ----------------------------------------------------------------------------------------------
+
+# Off unless MAMBABYTE_FUSED_BLOCK_STEP=1: the kernels are new and wait for their GPU parity run
+# (tests/test_model_gpu.py::test_fused_block_step_*) before they become the default.
+FUSED_BLOCK_STEP = os.environ.get("MAMBABYTE_FUSED_BLOCK_STEP", "0") == "1"
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
+    """Why :func:`fused_blocks_step` cannot run ``model.step`` here (None when it can)."""
+    if not FUSED_BLOCK_STEP:
+        return "MAMBABYTE_FUSED_BLOCK_STEP is not 1"
+    ok, reason = status()
+    if not ok:
+        return reason
+    if not hasattr(_EXT, "layer_step"):
+        return "the loaded extension predates layer_step (rebuild it)"
+    cfg = model.config
+    e = model.backbone.embedding.weight.dtype
+    if e not in _SUPPORTED:
+        return f"dtype {e} not supported"
+    if cfg.d_model % 8 or cfg.d_inner % 16 or cfg.d_conv > 4:
+        return "needs d_model % 8 == 0, d_inner % 16 == 0 and d_conv <= 4"
+    if state.conv.dtype != torch.float32 or state.ssm.dtype != torch.float32:
+        return "the state is not fp32"
+    if not (state.conv.is_contiguous() and state.ssm.is_contiguous()):
+        return "the state is not contiguous"
+    limit = torch.cuda.get_device_properties(model.device).shared_memory_per_block_optin
+    if min(batch, 8) * cfg.d_model * e.itemsize + 2048 > limit:
+        return "d_model too large for kernel 1's shared memory"
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return "gradients are enabled"
+    if _has_hooks(model.backbone.layers):
+        return "forward hooks are registered on the blocks"
+    for layer in model.backbone.layers:
+        mx = layer.mixer
+        big = [layer.norm.weight, mx.in_proj.weight, mx.x_proj.weight, mx.dt_proj.weight, mx.out_proj.weight]
+        big += [t for t in (getattr(layer.norm, "bias", None), mx.in_proj.bias, mx.out_proj.bias) if t is not None]
+        if any(t.dtype != e or not t.is_cuda or not t.is_contiguous() or t.data_ptr() % 16 for t in big):
+            return "block weights are not all contiguous, aligned CUDA tensors in the embedding's dtype"
+    return None
+
+
+def _block_consts(mixer) -> Tuple[torch.Tensor, ...]:
+    """fp32 copies the kernels read (A = -exp(A_log), D, conv weight / bias, dt bias), rebuilt when a
+    parameter changes (new storage or an in-place update bumps its version)."""
+    src = (mixer.A_log, mixer.D, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_proj.bias)
+    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in src)
+    cached = getattr(mixer, "_mb_block_consts", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        consts = (
+            (-torch.exp(mixer.A_log.float())).contiguous(),
+            mixer.D.float().contiguous() if mixer.D is not None else None,
+            mixer.conv1d.weight.float().reshape(mixer.conv1d.weight.shape[0], -1).contiguous(),
+            mixer.conv1d.bias.float().contiguous() if mixer.conv1d.bias is not None else None,
+            mixer.dt_proj.bias.float().contiguous() if mixer.dt_proj.bias is not None else None,
+        )
+    if not torch.cuda.is_current_stream_capturing():
+        # made during a graph capture, the kernels computing them have not run yet: use, don't keep
+        mixer._mb_block_consts = (key, consts)
+    return consts
+
+
+def fused_blocks_step(model, hidden: torch.Tensor, state) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every block of ``model`` for one byte: hidden (b, D) embedding -> (last block's output, residual).
+    States are updated in place. Call only when :func:`fused_block_step_unsupported` returns None."""
+    cfg = model.config
+    b = hidden.shape[0]
+    groups = -(-cfg.d_inner // 256)
+    chunks = -(-b // 8)
+    counters = torch.zeros(chunks * groups, dtype=torch.int32, device=hidden.device)
+    ext = _EXT
+    residual = None
+    hidden = hidden.contiguous()
+    for i, layer in enumerate(model.backbone.layers):
+        mx = layer.mixer
+        A, D, conv_w, conv_b, dt_b = _block_consts(mx)
+        hidden, residual = ext.layer_step(
+            hidden, residual, bool(cfg.residual_in_fp32), layer.norm.weight, getattr(layer.norm, "bias", None),
+            float(layer.norm.eps), cfg.norm == "rmsnorm", mx.in_proj.weight, mx.in_proj.bias, conv_w, conv_b,
+            state.conv[i], mx.x_proj.weight, mx.dt_proj.weight, dt_b, A, D, state.ssm[i], mx.out_proj.weight,
+            mx.out_proj.bias, counters,
+        )
+    return hidden, residual
