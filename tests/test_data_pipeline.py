@@ -88,6 +88,11 @@ def test_prepare_cli_missing_path_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err
     assert not (tmp_path / "o" / "meta.json").exists()
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        prepare_main([str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o2")])
+    assert e.value.code == 2 and "empty" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # no empty folder left behind
 
 
 def test_hf_source_with_fake_datasets(monkeypatch, tmp_path):

@@ -94,6 +94,17 @@ def test_eval_and_plot_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         plot_main([str(tmp_path / "no_run")])
     assert e.value.code == 2
+    # a run still writing (or killed mid-row): the partial last row is skipped with a note
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 99, "lo')
+    png.unlink()
+    assert plot_main([str(tmp_path / "run")]) == 0 and png.is_file()
+    assert "unfinished last line" in capsys.readouterr().err
+    metrics.write_text('{"step": 1, "lo\n' + good)  # a broken row in the middle is still an error
+    with pytest.raises(SystemExit) as e:
+        plot_main([str(tmp_path / "run")])
+    assert e.value.code == 2 and "line 1 is not JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         eval_main(["--model", res.last_checkpoint, "--data", str(tmp_path / "missing.txt")])
     assert e.value.code == 2

@@ -13,6 +13,7 @@ import torch
 from mambabyte import MambaByteLM
 from mambabyte.cli.train import main as train_main
 from mambabyte.training import list_checkpoints, load_checkpoint, lr_at, save_checkpoint, train
+from mambabyte.training.config import make_config
 
 DATA = Path(__file__).parent / "data" / "corpus"
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, c
     assert e.value.code == 1
     err = capsys.readouterr().err
     last = [l for l in err.strip().splitlines() if l.startswith("error:")]
-    assert len(last) == 2 and "at step 5" in last[-1] and "step_000004.pt" in last[-1]
+    assert len(last) == 1 and "at step 5" in last[-1] and "step_000004.pt" in last[-1]
     cks = list_checkpoints(out)
     assert [p.name for p in cks] == ["step_000002.pt", "step_000004.pt"]
     ck = load_checkpoint(cks[-1])
@@ -156,7 +157,7 @@ def test_lr_schedule():
         (["--max_steps", "many"], "must be an integer"),
         (["--data", "/definitely/not/here"], "does not exist"),
         (["--lr_schedule", "zigzag"], "lr_schedule must be"),
-        (["--batch_size", "3", "--micro_batch_size", "2"], "not a multiple"),
+        (["--micro_batch_size", "0"], "micro_batch_size must be >= 1"),
         (["--resume"], "no checkpoint to resume"),
     ],
     ids=["unknown-key", "unknown-model-key", "bad-type", "missing-data", "bad-choice", "bad-batch", "nothing-to-resume"],
@@ -227,3 +228,23 @@ def test_training_does_not_import_generation_or_analysis():
             "assert not bad, bad")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-1000:]
+
+
+def test_micro_batch_size_is_a_cap_and_every_shipped_config_fits_1_to_8_processes(tmp_path, capsys):
+    """batch 3 with micro_batch_size 2 on one process runs as 3 forwards of 1 window (a note says so);
+    the repo's training configs load and split their batch over 1, 2, 4 and 8 processes."""
+    res = train(base(tmp_path, "cap", max_steps=1, batch_size=3, micro_batch_size=2))
+    assert res.step == 1
+    assert "micro_batch_size 2 -> 1" in capsys.readouterr().err
+    configs = sorted(Path(__file__).resolve().parents[1].glob("scripts/configs/*.yml"))
+    train_configs = [p for p in configs if p.name != "mambabyte_lm.yml"]  # that one mirrors the paper code
+    assert {p.name for p in train_configs} >= {"353M.yml", "972M.yml", "tiny_cpu.yml", "mambabyte_small.yml"}
+    for path in train_configs:
+        cfg = make_config(path, {"data": [str(DATA / "train")]})
+        for world in (1, 2, 4, 8):
+            assert cfg.batch_size % world == 0, (path.name, world)
+
+
+def test_model_override_without_a_model_section_refines_the_default(tmp_path):
+    cfg = make_config(None, {"model.d_state": 4, "data": [str(DATA / "train")]})
+    assert cfg.model == {"preset": "tiny", "d_state": 4}

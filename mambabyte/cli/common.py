@@ -156,8 +156,9 @@ def load_model(args, default_random_preset: str = "tiny", default_model_id: Opti
     if model_id is None and DEFAULT_MODEL in list_shipped_models():
         return load_pretrained(DEFAULT_MODEL, device=device, dtype=dtype)
     preset = model_id or default_random_preset
-    return _random_model(MambaByteConfig.from_preset(preset), args,
-                         f"'{preset}' (no checkpoint given or shipped)")
+    why = ("--model_id without a checkpoint builds that preset" if model_id
+           else "no checkpoint given or shipped")
+    return _random_model(MambaByteConfig.from_preset(preset), args, f"'{preset}' ({why})")
 
 
 def read_prompt(args, allow_empty: bool = False) -> bytes:

@@ -135,7 +135,9 @@ def run(kind: str, args) -> int:
         res = extract_input_sim_with_discrete_A(model, prompt, **common)
     art = build_artefact(
         kind, res, prompt, model,
-        model_id=args.model_id or getattr(model.config, "name", None),
+        # the name the model was actually built under (a --model_id is ignored by a checkpoint that
+        # carries its own config, so recording it would mislabel the artefact)
+        model_id=getattr(model.config, "name", None) or args.model_id,
         # the checkpoint given, else the shipped default actually loaded (None for a random model)
         pretrained_model_filepath=args.pretrained_model_filepath or getattr(model, "source_path", None),
         out_dtype=out_dtype, seed=args.seed, **extra,

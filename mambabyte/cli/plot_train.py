@@ -24,14 +24,15 @@ def read_metrics(run_dir) -> List[Dict]:
         raise MambaByteError(f"{str(path)!r} does not exist (is {str(run_dir)!r} a training run folder?)")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise MambaByteError(f"{str(path)!r} line {i} is not JSON") from None
+        lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
+    for k, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1:  # a run still writing (or killed mid-line): its last row is partial
+                sys.stderr.write(f"note: skipped the unfinished last line ({i}) of {str(path)!r}\n")
+                break
+            raise MambaByteError(f"{str(path)!r} line {i} is not JSON") from None
     if not rows:
         raise MambaByteError(f"{str(path)!r} holds no rows yet")
     return rows

@@ -89,9 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise MambaByteError("give --config FILE.yml (scripts/configs/ has examples) or at least --data")
     try:
         result = train(args.config, overrides)
-    except TrainingDiverged as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
+    except TrainingDiverged:
+        return 1  # the trainer has already said why, in one line (rank 0)
     if result.final_eval:
         fe = result.final_eval
         parts = [f"val_bpb={fe['val_bpb']:.4f}"]

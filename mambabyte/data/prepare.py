@@ -103,6 +103,7 @@ def prepare_data(
     if val_sources:
         resolve_sources(val_sources, what="val data")
     out = Path(out_dir)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -116,6 +117,7 @@ def prepare_data(
         return path
 
     records: List[dict] = []
+    done = False
     try:
         train_tmp = tmp("train.bin")
         with open(train_tmp, "wb") as f:
@@ -170,12 +172,18 @@ def prepare_data(
             f.flush()
             os.fsync(f.fileno())
         os.replace(meta_tmp, out / META_NAME)
+        done = True
     except OSError as exc:
         raise MambaByteError(f"could not write shards in {str(out)!r}: {exc.strerror or exc}") from None
     finally:
         for p in tmps:
             if os.path.exists(p):
                 os.unlink(p)
+        if not done and created:
+            try:  # a failed run leaves no empty folder behind (only if this run made it)
+                out.rmdir()
+            except OSError:
+                pass
     return meta
 
 

@@ -68,7 +68,11 @@ def load_checkpoint(path) -> Dict[str, Any]:
     try:
         ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only" in str(exc).lower().replace("_", " ") or "unpickler" in str(exc).lower():
+            # torch's hint to retry with weights_only=False is unsafe advice for a file from elsewhere
+            first = "not a mambabyte checkpoint (corrupt, or it holds objects other than tensors and plain containers)"
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"could not read checkpoint {str(path)!r}: {first}") from None
     if not isinstance(ck, dict) or "model" not in ck or "step" not in ck:
         raise CheckpointError(f"{str(path)!r} is not a mambabyte training checkpoint (no model/step)")

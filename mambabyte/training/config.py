@@ -38,7 +38,7 @@ class TrainConfig:
     doc_separator: str = ""  # between concatenated files / rows ("\n\n", "\x00", ...)
     seq_len: int = 8192
     batch_size: int = 8  # global windows per optimizer step (all ranks, all micro-steps)
-    micro_batch_size: Optional[int] = None  # windows per forward per rank; default: batch_size / world
+    micro_batch_size: Optional[int] = None  # at most this many windows per forward per rank; default: batch_size / world
     tbptt: bool = False  # carry the detached state from window to window of each stream
     # optimisation -------------------------------------------------------------------------------
     max_steps: int = 1000
@@ -219,7 +219,8 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Mapping[str, Any]) -> Dict[s
             sub = key[len("model."):]
             if sub not in _MODEL_KEYS:
                 raise MambaByteError(f"unknown model config key {sub!r} (valid: {', '.join(sorted(_MODEL_KEYS))})")
-            model = dict(cfg.get("model") or {})
+            # no model section yet: the override refines the default model, it does not replace it
+            model = dict(cfg["model"] if cfg.get("model") is not None else TrainConfig().model)
             model[sub] = value
             cfg["model"] = model
             continue

@@ -379,12 +379,19 @@ class Trainer:
         # data -------------------------------------------------------------------------------------------
         self.train_data, self.val = self._load_data()
         G, W = cfg.batch_size, d.world_size
-        self.mb = cfg.micro_batch_size or max(1, G // W)
-        if G % (self.mb * W):
+        if G % W:
             raise MambaByteError(
-                f"batch_size {G} is not a multiple of micro_batch_size {self.mb} x {W} processes; "
-                f"choose micro_batch_size so that batch_size = micro_batch_size x processes x accumulation steps"
+                f"batch_size {G} is not a multiple of the {W} processes; batch_size = micro_batch_size x "
+                f"processes x accumulation steps"
             )
+        per = G // W
+        # micro_batch_size caps the windows per forward: the largest divisor of batch_size / processes
+        # not above it, so one config runs on 1, 2, 4 or 8 GPUs (never more memory than asked for)
+        cap = min(cfg.micro_batch_size or per, per)
+        self.mb = max(k for k in range(1, cap + 1) if per % k == 0)
+        if cfg.micro_batch_size and self.mb != cfg.micro_batch_size:
+            self.log(f"note: micro_batch_size {cfg.micro_batch_size} -> {self.mb} windows per forward "
+                     f"(batch_size {G} over {W} process{'es' if W > 1 else ''} = {per} per process)")
         self.accum = G // (self.mb * W)
         if cfg.tbptt:
             self.sampler = StreamSampler(len(self.train_data), cfg.seq_len, G, seed=cfg.seed)
@@ -485,8 +492,9 @@ class Trainer:
         if d.is_main:
             import yaml
 
-            with open(self.out_dir / "train_config.yaml", "w", encoding="utf-8") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            from ..io.checkpoints import atomic_write_text
+
+            atomic_write_text(self.out_dir / "train_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         show = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
         if d.is_main:
             n_params = raw.num_parameters() if not self.fsdp else self.model_config.num_parameters()
