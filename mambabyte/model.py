@@ -133,10 +133,13 @@ class MambaByteLM(nn.Module):
         """Cast the weights to ``dtype`` in place, keeping A_log and D in fp32 as the reference does."""
         if dtype is None:
             return self
+        # keep the fp32 values themselves: casting them to dtype and back would round them
+        keep = [(layer.mixer, layer.mixer.A_log.data.float(), layer.mixer.D.data.float())
+                for layer in self.backbone.layers]
         self.to(dtype=dtype)
-        for layer in self.backbone.layers:
-            layer.mixer.A_log.data = layer.mixer.A_log.data.float()
-            layer.mixer.D.data = layer.mixer.D.data.float()
+        for mixer, a_log, d in keep:
+            mixer.A_log.data = a_log
+            mixer.D.data = d
         return self
 
     @property
@@ -165,6 +168,14 @@ class MambaByteLM(nn.Module):
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2:
             raise MambaByteError(f"input_ids must be (b, L); got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise MambaByteError(f"input_ids must be integer byte ids, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise MambaByteError("input_ids holds no bytes (L = 0)")
+        if not input_ids.is_cuda:  # on the GPU the check would cost a host sync per call
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise MambaByteError(f"input_ids must be in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]")
         b, L = input_ids.shape
         if state is not None:
             self.check_state(state, b)
@@ -196,6 +207,8 @@ class MambaByteLM(nn.Module):
             prev = state.bytes_consumed if state is not None else 0
             sdt = torch.float64 if ssms[0].dtype == torch.float64 else torch.float32
             new_state = MambaState(torch.stack(convs).to(sdt), torch.stack(ssms).to(sdt), prev + L)
+            if L > 0:  # the next-byte logits go with the state (an empty prompt can continue from it)
+                new_state.logits = logits[:, -1].detach().float().clone()
         return MambaByteOutput(logits=logits, state=new_state, hidden_states=hidden if output_hidden_states else None)
 
     @torch.no_grad()
@@ -239,15 +252,21 @@ class MambaByteLM(nn.Module):
 
     # -- identity -----------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """sha256 over the config and every weight (names, shapes, dtypes, bytes); 16 hex chars."""
+        """sha256 over the config and every weight's name, shape and value; 16 hex chars.
+
+        Values are hashed as fp32 (fp64 weights as fp64), so the same weights loaded in bf16, fp16 or
+        fp32 share a fingerprint (a state built with one dtype loads in another); weights that differ,
+        e.g. an fp32 model and its rounded bf16 copy, do not."""
         h = hashlib.sha256()
         h.update(self.config.to_json().encode())
         sd = self.state_dict()
         for k in sorted(sd):
-            t = sd[k].detach().to("cpu").contiguous()
+            t = sd[k].detach().to("cpu")
+            if t.is_floating_point() and t.dtype != torch.float64:
+                t = t.float()
+            t = t.contiguous()
             h.update(k.encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(str(t.dtype).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()[:16]
 

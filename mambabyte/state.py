@@ -27,18 +27,23 @@ Tensor = torch.Tensor
 class MambaState:
     """Per-layer conv windows and SSM states of a batch of byte streams."""
 
-    __slots__ = ("conv", "ssm", "bytes_consumed")
+    __slots__ = ("conv", "ssm", "bytes_consumed", "logits")
 
-    def __init__(self, conv: Tensor, ssm: Tensor, bytes_consumed: int = 0) -> None:
+    def __init__(self, conv: Tensor, ssm: Tensor, bytes_consumed: int = 0, logits: Optional[Tensor] = None) -> None:
         if conv.dim() != 4 or ssm.dim() != 4:
             raise StateError(
                 f"state tensors must be 4-D (n_layer, b, d_inner, *); got conv {tuple(conv.shape)}, ssm {tuple(ssm.shape)}"
             )
         if conv.shape[:3] != ssm.shape[:3]:
             raise StateError(f"conv {tuple(conv.shape)} and ssm {tuple(ssm.shape)} disagree on (n_layer, b, d_inner)")
+        if logits is not None and (logits.dim() != 2 or logits.shape[0] != conv.shape[1]):
+            raise StateError(f"logits must be (batch {conv.shape[1]}, vocab); got {tuple(logits.shape)}")
         self.conv = conv
         self.ssm = ssm
         self.bytes_consumed = int(bytes_consumed)
+        # the next-byte logits after the last byte consumed (b, 256) fp32, when known: what lets an
+        # empty prompt continue from this state; carried by copies, not compared by equal()/allclose()
+        self.logits = logits
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -96,23 +101,25 @@ class MambaState:
     # -- copies and moves --------------------------------------------------------------------------
     def clone(self) -> "MambaState":
         """An independent deep copy."""
-        return MambaState(self.conv.clone(), self.ssm.clone(), self.bytes_consumed)
+        return MambaState(self.conv.clone(), self.ssm.clone(), self.bytes_consumed, _opt(self.logits, "clone"))
 
     def detach(self) -> "MambaState":
         """The same values without autograd history (for truncated BPTT). Shares storage."""
-        return MambaState(self.conv.detach(), self.ssm.detach(), self.bytes_consumed)
+        return MambaState(self.conv.detach(), self.ssm.detach(), self.bytes_consumed, _opt(self.logits, "detach"))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MambaState":
         """A copy on ``device`` and/or in ``dtype`` (always a new object)."""
         conv = self.conv.to(device=device, dtype=dtype, copy=True)
         ssm = self.ssm.to(device=device, dtype=dtype, copy=True)
-        return MambaState(conv, ssm, self.bytes_consumed)
+        logits = self.logits.to(device=device, copy=True) if self.logits is not None else None
+        return MambaState(conv, ssm, self.bytes_consumed, logits)
 
     def reset(self) -> "MambaState":
         """Zero in place (back to the start-of-text state). Returns self."""
         self.conv.zero_()
         self.ssm.zero_()
         self.bytes_consumed = 0
+        self.logits = None
         return self
 
     zero_ = reset
@@ -123,6 +130,7 @@ class MambaState:
         self.conv.copy_(other.conv)
         self.ssm.copy_(other.ssm)
         self.bytes_consumed = other.bytes_consumed
+        self.logits = _opt(other.logits, "clone")
         return self
 
     def select(self, index: Union[int, Sequence[int], Tensor]) -> "MambaState":
@@ -130,12 +138,14 @@ class MambaState:
         if isinstance(index, int):
             index = [index]
         idx = torch.as_tensor(index, dtype=torch.long, device=self.conv.device)
-        return MambaState(self.conv.index_select(1, idx), self.ssm.index_select(1, idx), self.bytes_consumed)
+        logits = self.logits.index_select(0, idx.to(self.logits.device)) if self.logits is not None else None
+        return MambaState(self.conv.index_select(1, idx), self.ssm.index_select(1, idx), self.bytes_consumed, logits)
 
     def repeat(self, times: int) -> "MambaState":
         """Each batch row repeated ``times`` times (row-major: r0, r0, ..., r1, r1, ...)."""
         return MambaState(
-            self.conv.repeat_interleave(times, dim=1), self.ssm.repeat_interleave(times, dim=1), self.bytes_consumed
+            self.conv.repeat_interleave(times, dim=1), self.ssm.repeat_interleave(times, dim=1), self.bytes_consumed,
+            self.logits.repeat_interleave(times, dim=0) if self.logits is not None else None,
         )
 
     @staticmethod
@@ -145,10 +155,14 @@ class MambaState:
             raise StateError("cannot concatenate an empty list of states")
         for s in states[1:]:
             states[0].check_compatible(s, check_batch=False)
+        logits = None
+        if all(s.logits is not None for s in states):
+            logits = torch.cat([s.logits.to(states[0].logits.device) for s in states], dim=0)
         return MambaState(
             torch.cat([s.conv for s in states], dim=1),
             torch.cat([s.ssm for s in states], dim=1),
             max(s.bytes_consumed for s in states),
+            logits,
         )
 
     # -- comparisons --------------------------------------------------------------------------
@@ -191,5 +205,9 @@ class MambaState:
         return (
             f"MambaState(n_layer={self.n_layer}, batch_size={self.batch_size}, d_inner={self.d_inner}, "
             f"d_conv={self.d_conv}, d_state={self.d_state}, dtype={self.dtype}, device={self.device}, "
-            f"bytes_consumed={self.bytes_consumed})"
+            f"bytes_consumed={self.bytes_consumed}{', with next-byte logits' if self.logits is not None else ''})"
         )
+
+
+def _opt(t: Optional[Tensor], how: str) -> Optional[Tensor]:
+    return None if t is None else getattr(t, how)()

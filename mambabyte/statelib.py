@@ -46,6 +46,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+# safetensors caps its JSON header near 100 MB; stored text is escaped JSON inside it
+MAX_STORED_TEXT = 32 * 1024 * 1024
+
+
 def save_state(
     path: Union[str, os.PathLike],
     state: MambaState,
@@ -65,6 +69,8 @@ def save_state(
         raise StateError(f"save_state needs a MambaState, got {type(state).__name__}")
     meta = dict(meta or {})
     path = Path(path)
+    if logits is None:
+        logits = state.logits  # what the state carries (None for e.g. a combined state)
     fingerprint = meta.pop("fingerprint", None)
     if fingerprint is None and model is not None:
         fingerprint = model.fingerprint()
@@ -74,6 +80,11 @@ def save_state(
     if text is not None:
         tb = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         text_sha = hashlib.sha256(tb).hexdigest()
+        if store_text and len(tb) > MAX_STORED_TEXT:
+            raise StateError(
+                f"the text is {len(tb):,} bytes; a state file stores at most {MAX_STORED_TEXT:,} bytes of text "
+                f"(its header has a size limit): keep its source path instead of the text itself"
+            )
     source = meta.pop("source", None)
     if isinstance(source, (str, os.PathLike)):
         source = [str(source)]
@@ -121,6 +132,8 @@ def save_state(
         _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: blob}))
     except OSError as exc:
         raise MambaByteError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
+    except Exception as exc:  # the serialiser's own errors (e.g. a header over its limit)
+        raise StateError(f"could not write {str(path)!r}: {str(exc).strip() or type(exc).__name__}") from None
     return path
 
 
@@ -228,6 +241,8 @@ def load_state(
     if device is not None:
         state = state.to(device)
         logits = logits.to(device) if logits is not None else None
+    if logits is not None and logits.dim() == 2 and logits.shape[0] == state.batch_size:
+        state.logits = logits.float()
     return (state, meta, logits) if return_meta else state
 
 

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
         raise MambaByteError(f"--top_k must be in [0, 256], got {args.top_k}")
     if not 0.0 <= args.top_p <= 1.0:
         raise MambaByteError(f"--top_p must be in [0, 1], got {args.top_p}")
+    if args.stream and args.num_samples > 1:
+        raise MambaByteError("--stream prints one sequence; use --num_samples 1")
     import torch
 
     from mambabyte.cli.generate import load_generation_model
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     out.write(f"PROMPT\n{'=' * 6}\n{prompt.decode('utf-8', errors='replace')}\n\nGENERATIONS\n{'=' * 11}\n")
     out.flush()
     stream = None
-    if args.stream and args.num_samples == 1:
+    if args.stream:
         stream = lambda t: (out.write(t), out.flush())  # noqa: E731
     result = generate(
         model, prompt, max_new_bytes=args.max_new_tokens, num_samples=args.num_samples,

@@ -181,3 +181,37 @@ def test_dispatcher_and_paper_script(ckpt, tiny_model, capsysbinary):
     rc, _, err = run_cli(mod.main, ["--config_path", str(REPO / "scripts/configs/mambabyte_lm.yml"), "--model_id", "nope"],
                          capsysbinary)
     assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bytes_that_are_not_utf8_and_bad_numbers(ckpt, tiny_model, capsysbinary, tmp_path):
+    """A shell passes non-UTF-8 argv bytes as surrogate escapes: they are bytes, not a traceback."""
+    rc, out, err = run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "x", "--max_new_bytes", "20", "--temperature",
+                                          "0", "--stop", "\udcff"], capsysbinary)
+    assert rc == 0, err
+    src = tmp_path / "a.txt"
+    src.write_bytes(b"one\ntwo\n")
+    rc, out, err = run_cli(state_cli.main, ["build", "sep", "--model", ckpt, "--source", str(src), str(src),
+                                            "--separator", "\udcff", "--no_progress"], capsysbinary)
+    assert rc == 0, err
+    st, meta, _ = mambabyte.load_state("sep", tiny_model, return_meta=True)
+    assert st.bytes_consumed == 2 * 8 + 1  # the separator is the one byte 0xff
+    for argv in (["--temperature", "nan"], ["--presence_penalty", "inf"], ["--frequency_penalty", "-inf"],
+                 ["--save_state", str(tmp_path / "no_such_dir" / "s.safetensors")]):
+        rc, out, err = run_cli(gen_cli.main, ["--model", ckpt, "--prompt", "x", "--max_new_bytes", "3", *argv],
+                               capsysbinary)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+        assert out == b""  # refused before anything was generated
+    assert not (tmp_path / "no_such_dir").exists()
+    rc, out, err = run_cli(state_cli.main, ["export", "sep", str(tmp_path / "nope" / "x.safetensors")], capsysbinary)
+    assert rc == 2 and "does not exist" in err and not (tmp_path / "nope").exists()
+
+
+def test_a_subword_model_is_refused_as_the_main_model(tmp_path, capsysbinary):
+    from mambabyte import MambaByteConfig
+
+    sub = tmp_path / "sub"
+    MambaByteLM(MambaByteConfig(vocab_size=512, d_model=32, n_layer=1)).save_pretrained(sub)
+    rc, out, err = run_cli(gen_cli.main, ["--model", str(sub), "--prompt", "hi", "--max_new_bytes", "2"], capsysbinary)
+    assert rc == 2 and "512-token vocabulary" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(mambabyte.MambaByteError, match="not 256 bytes"):
+        mambabyte.generate(MambaByteLM.from_pretrained(sub), "hi", max_new_bytes=2)

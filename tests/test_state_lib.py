@@ -189,3 +189,65 @@ def test_library(tiny_model, home, tmp_path):
         lib.remove("my-ctx")
     with pytest.raises(StateError):
         mambabyte.load_state("my-ctx")
+
+
+def _greedy(model, prompt, n, **kw):
+    return mambabyte.generate(model, prompt, max_new_bytes=n, temperature=0, use_cuda_graph=False, **kw)
+
+
+def test_state_carries_its_logits_so_an_empty_prompt_continues_exactly(tiny_model, tmp_path):
+    whole = _greedy(tiny_model, "Hello there", 24)
+    first = _greedy(tiny_model, "Hello there", 12)
+    assert first.state.logits is not None and torch.equal(first.state.logits, first.logits)
+    rest = _greedy(tiny_model, "", 12, state=first.state)  # no logits= needed, no bos consumed
+    assert first.bytes + rest.bytes == whole.bytes
+    # through a file: save_state stores the state's logits, load_state gives them back
+    p = mambabyte.save_state(tmp_path / "s.safetensors", first.state, model=tiny_model)
+    assert _greedy(tiny_model, "", 12, state=mambabyte.load_state(p, tiny_model)).bytes == rest.bytes
+    # from a forward: the state of model(..., return_state=True) holds the last position's logits
+    st = tiny_model(torch.tensor([list(b"Hello there")]), return_state=True).state
+    assert _greedy(tiny_model, "", 24, state=st).bytes == whole.bytes
+    # copies carry them; a reset drops them; a combined state has none (an empty prompt eats bos)
+    assert torch.equal(st.clone().logits, st.logits) and torch.equal(st.repeat(2).logits[1], st.logits[0])
+    assert st.clone().reset().logits is None
+    mixed = mambabyte.combine_states([st, first.state])
+    assert mixed.logits is None
+    assert _greedy(tiny_model, "", 5, state=mixed).bytes == _greedy(tiny_model, "\n", 5, state=mixed).bytes
+
+
+def test_a_state_saved_from_several_samples_continues_each_sample(tiny_model):
+    r = mambabyte.generate(tiny_model, "ab", max_new_bytes=6, num_samples=3, seed=0, use_cuda_graph=False)
+    assert r.state.batch_size == 3
+    both = _greedy(tiny_model, "", 8, state=r.state, num_samples=3)
+    for i in range(3):
+        one = _greedy(tiny_model, "", 8, state=r.state.select(i))
+        assert both.sequences[i] == one.bytes
+    with pytest.raises(StateError, match="needs 1 or 2 rows"):
+        _greedy(tiny_model, ["x", "y"], 2, state=r.state)
+
+
+def test_fingerprint_ignores_the_load_dtype_and_cast_keeps_fp32_params_exact(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    m32 = MambaByteLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    m16 = MambaByteLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert m32.fingerprint() == m16.fingerprint()
+    assert m16.fingerprint() != tiny_model.fingerprint()  # bf16-rounded weights are other weights
+    for a, b in zip(m32.backbone.layers, m16.backbone.layers):
+        assert b.mixer.A_log.dtype == torch.float32 and torch.equal(a.mixer.A_log, b.mixer.A_log)
+    c = MambaByteLM(tiny_model.config)
+    c.load_state_dict(tiny_model.state_dict())
+    c.cast_(torch.bfloat16)
+    assert torch.equal(c.backbone.layers[0].mixer.A_log, tiny_model.backbone.layers[0].mixer.A_log)
+
+
+def test_stored_text_has_a_size_limit(tiny_model, tmp_path, monkeypatch):
+    from mambabyte import statelib
+
+    monkeypatch.setattr(statelib, "MAX_STORED_TEXT", 10)
+    st, _ = _state(tiny_model, b"0123456789ab")
+    with pytest.raises(StateError, match="at most 10 bytes of text"):
+        mambabyte.save_state(tmp_path / "t.safetensors", st, {"text": b"0123456789ab"}, model=tiny_model)
+    assert not (tmp_path / "t.safetensors").exists()
+    p = mambabyte.save_state(tmp_path / "t.safetensors", st, {"text": b"0123456789ab", "store_text": False},
+                             model=tiny_model)
+    assert read_state_file(p)[1]["text"] is None

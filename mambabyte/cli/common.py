@@ -124,6 +124,22 @@ def _random_model(config, args, what: str):
 
 
 def load_model(args, default_random_preset: str = "tiny", default_model_id: Optional[str] = None):
+    """See :func:`_load_model`; the model must be byte-level (a subword model only drafts)."""
+    model = _load_model(args, default_random_preset, default_model_id)
+    check_byte_level(model)
+    return model
+
+
+def check_byte_level(model, what: str = "this command") -> None:
+    v = model.config.vocab_size
+    if v != 256:
+        raise MambaByteError(
+            f"the model has a {v}-token vocabulary, not 256 bytes (a subword model?): {what} needs a byte-level "
+            f"MambaByte model; a subword model serves as a speculative drafter (--drafter)"
+        )
+
+
+def _load_model(args, default_random_preset: str = "tiny", default_model_id: Optional[str] = None):
     """The model the flags ask for.
 
     Order: ``--pretrained_model_filepath`` (any format; ``--model_id`` supplies a config when the
@@ -183,3 +199,14 @@ def read_prompt(args, allow_empty: bool = False) -> bytes:
     if not data and not allow_empty:
         raise MambaByteError("the prompt is empty: give a non-empty --prompt or --prompt_file")
     return data
+
+
+def check_output_path(path, flag: str) -> None:
+    """Refuse up front (before any model is loaded or text generated) an output path whose folder is
+    missing or not writable; nothing creates folders the user did not ask for."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if not os.path.isdir(folder):
+        raise MambaByteError(f"{flag}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise MambaByteError(f"{flag}: folder {folder!r} is not writable")
+

@@ -16,7 +16,15 @@ import sys
 from typing import Optional
 
 from ..errors import MambaByteError
-from .common import ArgumentParser, add_model_args, cli_entry, load_model, read_prompt, setup_logging
+from .common import (
+    ArgumentParser,
+    add_model_args,
+    check_output_path,
+    cli_entry,
+    load_model,
+    read_prompt,
+    setup_logging,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -76,6 +84,7 @@ def _save_target(name_or_path: str):
     from ..statelib import StateLibrary, check_name
 
     if os.sep in name_or_path or name_or_path.endswith(".safetensors") or (os.altsep and os.altsep in name_or_path):
+        check_output_path(name_or_path, "--save_state")
         return name_or_path
     return StateLibrary().path(check_name(name_or_path))
 

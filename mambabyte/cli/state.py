@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import MambaByteError
-from .common import ArgumentParser, add_model_args, cli_entry, load_model, setup_logging
+from .common import ArgumentParser, add_model_args, check_output_path, cli_entry, load_model, setup_logging
 
 
 def build_parser() -> ArgumentParser:
@@ -84,15 +84,23 @@ def _cmd_build(args) -> int:
     for s in srcs:
         if not s.is_file():
             raise MambaByteError(f"--source: no such file {str(s)!r}")
+    # the separator as typed: bytes a shell passed that are not UTF-8 come back unchanged
+    sep = os.fsencode(args.separator)
+    if args.store_text:
+        from ..statelib import MAX_STORED_TEXT
+
+        total = sum(s.stat().st_size for s in srcs) + len(sep) * (len(srcs) - 1)
+        if total > MAX_STORED_TEXT:
+            raise MambaByteError(f"--store_text: the sources hold {total:,} bytes, more than the {MAX_STORED_TEXT:,} "
+                                 f"a state file can store; leave out --store_text (the source paths are kept)")
     torch.manual_seed(args.seed)
     model = load_model(args)
-    sep = args.separator.encode("utf-8")
     state, info = build_state(model, srcs, chunk_bytes=args.chunk_bytes, separator=sep, return_info=True,
                               progress=False if args.no_progress else None)
     meta = {"text_sha256": info["text_sha256"], "source": [str(s.resolve()) for s in srcs],
             "description": args.description, "tags": args.tags or []}
     if sep:
-        meta["separator"] = args.separator
+        meta["separator"] = sep.decode("utf-8", errors="surrogateescape")
     if args.store_text:
         meta["text"] = sep.join(s.read_bytes() for s in srcs)
     meta = {k: v for k, v in meta.items() if v is not None}
@@ -195,6 +203,7 @@ def _cmd_rm(args) -> int:
 def _cmd_export(args) -> int:
     from ..statelib import StateLibrary
 
+    check_output_path(args.dest, "state export")
     print(f"exported to {StateLibrary().export(args.name, args.dest, overwrite=args.force)}")
     return 0
 

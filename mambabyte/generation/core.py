@@ -85,8 +85,8 @@ class GenerationResult:
     * ``bytes`` / ``text``: the same for a single sequence (a list when there are several); ``text`` is
       UTF-8 decoded with U+FFFD for invalid bytes.
     * ``state``: the state after prompt + returned bytes, one row per sequence (always given).
-    * ``logits``: the next-byte logits (n, 256) at that state; pass them back with the state to continue
-      from an empty prompt exactly.
+    * ``logits``: the next-byte logits (n, 256) at that state (also kept as ``state.logits``, so
+      ``generate("", state=result.state)`` continues exactly).
     * ``stop_reasons``: "stop" (a stop string matched) or "length" per sequence.
     """
 
@@ -96,6 +96,11 @@ class GenerationResult:
     stats: GenerationStats
     stop_reasons: List[str] = field(default_factory=list)
     prompts: List[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.logits is not None and self.logits.dim() == 2 \
+                and self.logits.shape[0] == self.state.batch_size:
+            self.state.logits = self.logits.float()
 
     @property
     def texts(self) -> List[str]:
@@ -150,7 +155,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _prepare_state(model, state: Optional[MambaState], n: int) -> Optional[MambaState]:
+def _prepare_state(model, state: Optional[MambaState], n: int, samples: int = 1) -> Optional[MambaState]:
     if state is None:
         return None
     if not isinstance(state, MambaState):
@@ -163,7 +168,11 @@ def _prepare_state(model, state: Optional[MambaState], n: int) -> Optional[Mamba
         return state
     if state.batch_size == 1:
         return state.repeat(n)
-    raise StateError(f"the state holds {state.batch_size} streams but {n} prompts were given (need 1 or {n})")
+    opts = sorted({1, n, n * samples})
+    need = " or ".join(str(o) for o in opts)
+    raise StateError(f"the state holds {state.batch_size} streams but {n} prompt{'s' if n != 1 else ''} "
+                     f"{'were' if n != 1 else 'was'} given with {samples} sample{'s' if samples != 1 else ''} each "
+                     f"(the state needs {need} row{'s' if opts[-1] > 1 else ''}: one shared, one per prompt or one per sample)")
 
 
 def _prepare_logits(model, logits: Optional[Tensor], n: int) -> Optional[Tensor]:
@@ -219,10 +228,12 @@ def generate(
         stop: a str / bytes or a list; matched on bytes, across step boundaries. The returned bytes end
             before the stop string (``include_stop=True`` keeps it).
         seed / generator: the random stream for sampling (default: torch's global one).
-        state: continue from this state (1 row, shared by all prompts, or one row per prompt); not modified.
-        logits: the next-byte logits at ``state`` (as ``GenerationResult.logits`` returns). Needed only
-            for an empty prompt from a non-zero state; without them an empty prompt consumes ``bos``
-            first (a newline by default; it is not part of the output).
+        state: continue from this state (1 row shared by all prompts, one row per prompt, or one row per
+            sequence = prompt x sample); not modified.
+        logits: the next-byte logits at ``state``; default ``state.logits``, which states from
+            ``generate``, ``model(..., return_state=True)``, ``build_state`` and ``load_state`` carry.
+            Used only by an empty prompt. An empty prompt from the zero state (or from a state without
+            logits, e.g. a combined one) consumes ``bos`` first (a newline by default; not output).
         num_samples: independent samples per prompt (the prompt is prefilled once).
         stream: callback for whole UTF-8 characters as they become final: ``stream(text)`` for a single
             sequence, ``stream(text, index)`` for several. Stop strings never reach it.
@@ -234,6 +245,10 @@ def generate(
 
     Returns a :class:`GenerationResult`.
     """
+    if getattr(getattr(model, "config", None), "vocab_size", 256) != 256:
+        from ..cli.common import check_byte_level
+
+        check_byte_level(model, "generate()")
     if max_new_tokens is not None:
         max_new_bytes = max_new_tokens
     if not isinstance(max_new_bytes, int) or isinstance(max_new_bytes, bool) or max_new_bytes < 0:
@@ -245,7 +260,16 @@ def generate(
     prompts, _ = normalize_prompts(prompt)
     n_p = len(prompts)
     dev = model.device
-    state = _prepare_state(model, state, n_p)
+    per_sequence = (isinstance(state, MambaState) and num_samples > 1 and state.batch_size == n_p * num_samples
+                    and n_p * num_samples > 1)
+    if per_sequence:
+        # one state row per sequence (e.g. saved from an earlier multi-sample run): each sample goes on
+        # from its own row, so the prompt is prefilled once per row
+        prompts_given = [p for p in prompts for _ in range(num_samples)]
+        prompts, num_samples, n_p = prompts_given, 1, len(prompts_given)
+    if logits is None and isinstance(state, MambaState) and state.logits is not None:
+        logits = state.logits
+    state = _prepare_state(model, state, n_p, num_samples)
     logits = _prepare_logits(model, logits, n_p)
     bos_b = _as_bytes(bos) if bos is not None else b""
     feed = []

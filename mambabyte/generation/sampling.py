@@ -10,6 +10,8 @@ Order of operations (the Hugging Face order): penalties -> temperature -> top-k 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -50,6 +52,9 @@ class SamplingParams:
             if not cond:
                 raise MambaByteError(msg)
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
         need(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1 = off), got {self.top_p}")

@@ -26,7 +26,10 @@ def normalize_stop(stop: StopSpec) -> List[bytes]:
     out: List[bytes] = []
     for s in stop:
         if isinstance(s, str):
-            b = s.encode("utf-8")
+            try:  # surrogateescape: bytes a command line passed that are not UTF-8 come back unchanged
+                b = s.encode("utf-8", errors="surrogateescape")
+            except UnicodeEncodeError:
+                raise MambaByteError(f"stop string {s!r} cannot be encoded as bytes (lone surrogate)") from None
         elif isinstance(s, (bytes, bytearray)):
             b = bytes(s)
         else:
