@@ -231,3 +231,26 @@ def test_atomic_save_leaves_old_checkpoint_on_failure(model, tmp_path, monkeypat
         save_pretrained(model, tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+
+
+def test_save_that_fails_on_the_config_leaves_the_old_pair(model, tmp_path, monkeypatch):
+    """Overwriting a model with one of another shape: a failure writing config.json must not leave the
+    new weights beside the old config."""
+    model.save_pretrained(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    other = MambaByteLM(MambaByteConfig(d_model=32, n_layer=1))
+    real_open = open
+
+    def failing_open(file, mode="r", *a, **kw):
+        if "w" in mode and os.path.basename(str(file)).startswith(".config.json."):
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    from mambabyte.errors import MambaByteError
+
+    with pytest.raises(MambaByteError, match="No space left"):
+        save_pretrained(other, tmp_path / "m")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert MambaByteLM.from_pretrained(tmp_path / "m").config.d_model == model.config.d_model

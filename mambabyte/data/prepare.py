@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import MambaByteError
+from ..io.checkpoints import _umask
 from .sources import META_NAME, READ_CHUNK, iter_source_chunks, resolve_sources
 
 FORMAT = "mambabyte-bytes"
@@ -113,6 +114,7 @@ def prepare_data(
     def tmp(name: str) -> str:
         fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=str(out))
         os.close(fd)
+        os.chmod(path, 0o666 & ~_umask())  # mkstemp makes 0600; shards get the usual permissions
         tmps.append(path)
         return path
 

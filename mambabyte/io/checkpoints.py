@@ -349,7 +349,9 @@ def load_pretrained(name_or_path, device=None, dtype: Optional[torch.dtype] = No
 
 # ---------------------------------------------------------------------------------------------------
 # saving
-def _atomic_write_bytes(target: Path, write_fn) -> None:
+def _stage(target: Path, write_fn) -> str:
+    """Write a complete, synced temp file beside ``target`` through ``write_fn(tmp)``; returns its path
+    (removed again if writing fails)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     os.close(fd)
@@ -358,12 +360,25 @@ def _atomic_write_bytes(target: Path, write_fn) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _atomic_write_bytes(target: Path, write_fn) -> None:
+    tmp = _stage(target, write_fn)
+    try:
         os.replace(tmp, target)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
 
 
@@ -399,7 +414,7 @@ def atomic_write_text(target, text: str) -> None:
 
 
 def save_pretrained(model, directory, dtype: Optional[torch.dtype] = None, extra_config: Optional[Dict[str, Any]] = None) -> None:
-    """config.json + model.safetensors, each written to a temp file and renamed into place."""
+    """config.json + model.safetensors: both written to temp files first, then renamed into place."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -414,12 +429,25 @@ def save_pretrained(model, directory, dtype: Optional[torch.dtype] = None, extra
         tensors[k] = t.contiguous().clone()
     cfg = {"model_type": "mambabyte", "format_version": FORMAT_VERSION, **model.config.to_dict()}
     meta = {"format": "pt", "mambabyte_format_version": str(FORMAT_VERSION)}
-    try:
-        _atomic_write_bytes(directory / _OUR_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    except OSError as exc:
-        raise MambaByteError(f"could not write {str(directory / _OUR_WEIGHTS)!r}: {exc.strerror or exc}") from None
     text = json.dumps({**cfg, **({"mambabyte": extra_config} if extra_config else {})}, indent=2, sort_keys=True) + "\n"
-    atomic_write_text(directory / "config.json", text)
+
+    def write_text(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    # both files are written in full before either replaces its old version, so a failure while writing
+    # (a full disk) leaves the folder as it was, never new weights beside an old config
+    staged = []
+    try:
+        staged.append((_stage(directory / _OUR_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta)),
+                       directory / _OUR_WEIGHTS))
+        staged.append((_stage(directory / "config.json", write_text), directory / "config.json"))
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except OSError as exc:
+        for tmp, _ in staged:
+            _unlink_quietly(tmp)
+        raise MambaByteError(f"could not write the model to {str(directory)!r}: {exc.strerror or exc}") from None
 
 
 __all__ = [
