@@ -101,6 +101,8 @@ def add_model_args(p: argparse.ArgumentParser, paper_names: bool = True) -> None
     p.add_argument("--config_path", default=None, help="YAML config in the paper code's layout (optional)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU), bf16, fp16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often fastest for small models and on busy machines)")
 
 
 def read_yaml_general(path: str) -> dict:
@@ -125,6 +127,13 @@ def _random_model(config, args, what: str):
 
 def load_model(args, default_random_preset: str = "tiny", default_model_id: Optional[str] = None):
     """See :func:`_load_model`; the model must be byte-level (a subword model only drafts)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise MambaByteError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     model = _load_model(args, default_random_preset, default_model_id)
     check_byte_level(model)
     return model

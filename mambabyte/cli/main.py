@@ -19,7 +19,7 @@ COMMANDS = {
     "train": ("mambabyte.cli.train", "main", "train a MambaByte model (single process, CPU/GPU, or torchrun)"),
     "eval": ("mambabyte.cli.evaluate", "main", "bits per byte of a model on a file or shard (state carried or per window)"),
     "plot-train": ("mambabyte.cli.plot_train", "main", "PNG of loss / bpb / lr curves of a training run"),
-    "state": ("mambabyte.cli.state", "main", "the local state library: build | list | show | rm | export"),
+    "state": ("mambabyte.cli.state", "main", "the local state library: build | list | show | rm | export | combine"),
     "convert": ("mambabyte.cli.convert", "main", "convert a mamba_ssm / MambaByte checkpoint to our safetensors folder"),
     "doctor": ("mambabyte.cli.doctor", "main", "which backend each op uses and why; environment report"),
 }
