@@ -10,6 +10,7 @@ checkpoints load unchanged; see :mod:`mambabyte.io` for the other formats.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -258,7 +259,7 @@ class MambaByteLM(nn.Module):
         fp32 share a fingerprint (a state built with one dtype loads in another); weights that differ,
         e.g. an fp32 model and its rounded bf16 copy, do not."""
         h = hashlib.sha256()
-        h.update(self.config.to_json().encode())
+        h.update(json.dumps(self.config.fingerprint_dict(), sort_keys=True).encode())  # its name is a label
         sd = self.state_dict()
         for k in sorted(sd):
             t = sd[k].detach().to("cpu")

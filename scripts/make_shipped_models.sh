@@ -21,9 +21,9 @@ python -m mambabyte train --config scripts/configs/mambabyte_draft.yml --data "$
   --val_data "$corpus/val" --out_dir "$out/runs/mambabyte-draft" --export_dir "$out/mambabyte-draft" \
   --max_time "$draft_min" --set progress=off > "$out/logs/draft.log" 2>&1 &
 p2=$!
-python scripts/train_subword_drafter.py --train "$corpus/train" --val "$corpus/val" \
-  --out "$out/mambabyte-subword-draft" --vocab_size 2048 --d_model 256 --n_layer 4 --seq_len 512 \
-  --batch_size 64 --lr 2e-3 --max_steps 100000 --max_time_minutes "$sub_min" > "$out/logs/subword.log" 2>&1 &
+python scripts/train_subword_drafter.py --config scripts/configs/mambabyte_subword_draft.yml \
+  --train "$corpus/train" --val "$corpus/val" --out "$out/mambabyte-subword-draft" \
+  --max_time_minutes "$sub_min" > "$out/logs/subword.log" 2>&1 &
 p3=$!
 rc=0
 wait $p1 || rc=1

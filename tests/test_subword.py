@@ -49,3 +49,26 @@ def _write(tmp_path, data, name="t.txt"):
     p = tmp_path / name
     p.write_bytes(data)
     return p
+
+
+def test_training_script_reads_the_shipped_recipe_and_flags_override_it(tmp_path, capsys):
+    """scripts/train_subword_drafter.py --config <the shipped recipe>, shrunk by command-line flags."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tsd", repo / "scripts" / "train_subword_drafter.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recipe = repo / "scripts" / "configs" / "mambabyte_subword_draft.yml"
+    rc = mod.main(["--config", str(recipe), "--train", str(_write(tmp_path, TEXT)), "--out", str(tmp_path / "d"),
+                   "--vocab_size", "300", "--d_model", "32", "--n_layer", "1", "--seq_len", "32", "--batch_size", "4",
+                   "--max_steps", "3", "--device", "cpu"])
+    assert rc == 0
+    d = SubwordDrafter.from_pretrained(tmp_path / "d")
+    assert d.model.config.d_model == 32 and d.tokenizer.vocab_size <= 300
+    bad = tmp_path / "bad.yml"
+    bad.write_text("vocab_sise: 3\n")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--config", str(bad), "--train", "x", "--out", "y"])
+    assert e.value.code == 2 and "unknown key(s) vocab_sise" in capsys.readouterr().err
