@@ -21,7 +21,7 @@ key                           value
 ``module_id``, ``module_ids`` module outputs only (None otherwise); ``nonlinearity`` likewise
 ``layer_idxs``                list of int
 ``reduction``, ``reduction_dim``  discrete_A only (None otherwise; None dim for fro / nuc)
-``pretrained_model_filepath`` the checkpoint given (None: shipped default or random init)
+``pretrained_model_filepath`` the checkpoint given, else the shipped default loaded (None: random init)
 ``config``                    the model's MambaByteConfig as a dict
 ``out_dtype``, ``seed``, ``mambabyte_version``, ``created``
 ============================  ==========================================================================
