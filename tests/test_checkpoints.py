@@ -188,12 +188,34 @@ def test_bad_config_json(model, tmp_path):
     one_line(e)
 
 
-def test_missing_path_and_hub_id_offline(tmp_path):
+def test_missing_path_and_hub_ids_without_network(model, tmp_path, monkeypatch):
+    """Every hub branch, with no network touched: huggingface_hub missing, a failing download, and a
+    download that returns a folder (then loaded like any local one)."""
+    import types
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         MambaByteLM.from_pretrained(str(tmp_path / "nowhere"))
-    with pytest.raises(CheckpointError, match="hub") as e:
-        MambaByteLM.from_pretrained("someone/some-model-that-does-not-exist")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(CheckpointError, match="huggingface_hub is not installed") as e:
+        MambaByteLM.from_pretrained("someone/some-model")
     one_line(e)
+    fake = types.ModuleType("huggingface_hub")
+    asked = []
+
+    def failing(repo_id, **kw):
+        asked.append(repo_id)
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    fake.snapshot_download = failing
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    with pytest.raises(CheckpointError, match="could not fetch 'someone/some-model' from the hub") as e:
+        MambaByteLM.from_pretrained("someone/some-model")
+    one_line(e)
+    model.save_pretrained(tmp_path / "snap")
+    fake.snapshot_download = lambda repo_id, **kw: asked.append(repo_id) or str(tmp_path / "snap")
+    m = MambaByteLM.from_pretrained("someone/some-model")
+    assert asked == ["someone/some-model"] * 2 and m.fingerprint() == model.fingerprint()
 
 
 def test_mamba2_checkpoint_is_refused(model, tmp_path):
@@ -254,3 +276,30 @@ def test_save_that_fails_on_the_config_leaves_the_old_pair(model, tmp_path, monk
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
     assert MambaByteLM.from_pretrained(tmp_path / "m").config.d_model == model.config.d_model
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("empty-folder", "no weights in folder"),
+    ("two-candidates", "found several candidates: a.pt, b.pt"),
+    ("not-a-dict", "expected a dict of tensors, found list"),
+    ("cannot-infer", "cannot infer the model config"),
+])
+def test_more_bad_checkpoints_are_one_clear_error(model, tmp_path, case, needle):
+    sd = model.state_dict()
+    if case == "empty-folder":
+        path = tmp_path / "empty"
+        path.mkdir()
+    elif case == "two-candidates":
+        path = tmp_path / "two"
+        path.mkdir()
+        torch.save(sd, path / "a.pt")
+        torch.save(sd, path / "b.pt")
+    elif case == "not-a-dict":
+        path = tmp_path / "x.pt"
+        torch.save([1, 2, 3], path)
+    else:  # no config beside it and a tensor the shapes are read from is gone
+        path = tmp_path / "partial.pt"
+        torch.save({k: v for k, v in sd.items() if "in_proj" not in k}, path)
+    with pytest.raises(CheckpointError, match=needle) as e:
+        MambaByteLM.from_pretrained(path)
+    one_line(e)
