@@ -491,7 +491,8 @@ def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
         return "the state is not fp32"
     if not (state.conv.is_contiguous() and state.ssm.is_contiguous()):
         return "the state is not contiguous"
-    limit = torch.cuda.get_device_properties(model.device).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(model.device)
+    limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
     if min(batch, 8) * cfg.d_model * e.itemsize + 2048 > limit:
         return "d_model too large for kernel 1's shared memory"
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
