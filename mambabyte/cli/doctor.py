@@ -30,6 +30,15 @@ def main(argv=None):
     print("backends for CUDA tensors:")
     for op, how in backend_report().items():
         print(f"  {op:<24} {how}")
+    from ..ops import cuda_backend_status
+
+    if cuda_backend_status()[0]:
+        from ..ops import cuda_backend
+
+        ok = cuda_backend.FUSED_BLOCK_STEP and hasattr(cuda_backend._ext(), "layer_step")
+        print(f"  {'model.step (decode)':<24} "
+              + ("fused block step, 3 launches per block (MAMBABYTE_FUSED_BLOCK_STEP=1)" if ok else
+                 "per-op step (the fused block step is opt-in: MAMBABYTE_FUSED_BLOCK_STEP=1)"))
     for mod in ("triton", "datasets", "huggingface_hub", "tokenizers"):
         try:
             m = __import__(mod)
