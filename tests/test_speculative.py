@@ -236,3 +236,138 @@ def test_cli_speculative_stats(target, tmp_path, capsysbinary):
     with pytest.raises(SystemExit) as e:
         gen_cli.main(["--model", str(tmp_path / "t"), "--prompt", "x", "--speculative", "--drafter", str(tmp_path / "nope")])
     assert e.value.code == 2
+
+
+# -- drafters that are independent models of another size ------------------------------------------------
+from mambabyte import MambaByteConfig  # noqa: E402
+from test_generation import ScriptedLM  # noqa: E402
+
+OTHER_SIZES = [(32, 1), (48, 3)]  # the target is 64 x 2 ("tiny")
+OTHER_PROMPT = b"independent drafters"
+
+
+def independent_drafter(d_model, n_layer, seed, cls=MambaByteLM):
+    """A freshly initialised model of its own size (not derived from the target's weights)."""
+    torch.manual_seed(seed)
+    return cls(MambaByteConfig(d_model=d_model, n_layer=n_layer)).eval()
+
+
+def assert_same_as_plain(spec, plain):
+    assert spec.bytes == plain.bytes
+    assert spec.stop_reasons == plain.stop_reasons
+    assert spec.state.bytes_consumed == plain.state.bytes_consumed
+    assert spec.state.allclose(plain.state, rtol=1e-5, atol=1e-5), spec.state.max_abs_diff(plain.state)
+    assert torch.allclose(spec.logits, plain.logits, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("d_model,n_layer", OTHER_SIZES)
+def test_greedy_identity_with_independent_drafters_of_other_sizes(target, d_model, n_layer, seed):
+    drafter = independent_drafter(d_model, n_layer, 100 + seed)
+    assert (drafter.config.d_model, drafter.config.n_layer) != (target.config.d_model, target.config.n_layer)
+    plain = target.generate(OTHER_PROMPT, max_new_bytes=40, temperature=0)
+    for k in (1, 3, 8):
+        for adaptive in (False, True):
+            spec = target.generate(OTHER_PROMPT, max_new_bytes=40, temperature=0, draft_model=drafter, draft_len=k,
+                                   adaptive_draft=adaptive)
+            assert_same_as_plain(spec, plain)
+            sp = spec.stats.speculative
+            assert sp["drafter"] == "byte" and sp["drafted"] > 0 and sp["emitted"] == 40, (k, adaptive, sp)
+            assert sp["acceptance_rate"] < 1  # an unrelated drafter: the target corrected it
+
+
+def _simulate_verifications(wrong, n, k0, adaptive):
+    """Accepted-count histogram of a drafter that proposes the target's greedy byte except at ``wrong``
+    positions (the loop and adaptive rule of speculative_decode, as documented)."""
+    k, k_max, pos, hist = k0, min(64, max(1, 4 * k0)), 0, {}
+    while pos < n:
+        kk = min(k, n - pos - 1)
+        a = next((j for j in range(kk) if pos + j in wrong), kk)
+        hist[str(a)] = hist.get(str(a), 0) + 1
+        pos += a + 1
+        if adaptive and kk > 0:
+            if a == kk:
+                k = min(k_max, k + 1)
+            elif a < kk / 2:
+                k = max(1, a + 1)
+    return dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+
+
+@pytest.mark.parametrize("d_model,n_layer", OTHER_SIZES)
+def test_other_size_drafter_rejected_at_every_position_keeps_identity_and_stays_in_sync(target, d_model, n_layer):
+    """A real model of another size whose argmax is scripted to the target's greedy output with errors at
+    known positions: rejections land at every draft position, and since the drafter's proposal at a
+    position depends on how many bytes its own state has consumed, the exact accepted-count histogram
+    checks that the drafter is rolled back to the right snapshot every time."""
+    n = 64
+    plain = target.generate(OTHER_PROMPT, max_new_bytes=n, temperature=0)
+    wrong, w = set(), -1
+    for gap in (3, 0, 5, 1, 7, 2, 6, 4, 12, 8):  # runs of 0..8 right proposals between wrong ones
+        w += gap + 1
+        wrong.add(w)
+    assert max(wrong) < n
+    script = bytes((b + 1) % 256 if i in wrong else b for i, b in enumerate(plain.bytes))
+    drafter = independent_drafter(d_model, n_layer, 7, cls=ScriptedLM)
+    drafter.script, drafter.offset = script, len(OTHER_PROMPT)
+    seen = set()
+    for k in (1, 3, 8):
+        for adaptive in (False, True):
+            for rollback in ("deferred", "rerun"):
+                spec = target.generate(OTHER_PROMPT, max_new_bytes=n, temperature=0, draft_model=drafter, draft_len=k,
+                                       adaptive_draft=adaptive, speculative_rollback=rollback)
+                assert_same_as_plain(spec, plain)
+                hist = spec.stats.speculative["accepted_histogram"]
+                assert hist == _simulate_verifications(wrong, n, k, adaptive), (k, adaptive, rollback)
+                seen |= {int(a) for a in hist}
+    assert set(range(9)) <= seen  # rejected at each of positions 0..7 and fully accepted
+
+
+def _stop_cases():
+    """(stop, k, prefix): the script is `prefix` bytes, the stop string, then more text. A perfect drafter
+    makes every verification emit k + 1 bytes, so over the prefixes the stop string lands at every offset
+    inside a verification and (for the 3-byte one) across two of them."""
+    return [(stop, k, prefix) for stop in (b"\n", b"\nQ:") for k in (2, 5) for prefix in range(9)]
+
+
+def _stop_script(stop, prefix):
+    return "é".encode() * (prefix // 2) + b"x" * (prefix % 2) + stop + " tail → text".encode()
+
+
+def test_stop_string_inside_and_across_verifications_output_and_stream():
+    prompt = b"Q:"
+    target, drafter = scripted(prompt, b""), scripted(prompt, b"")
+    for stop, k, prefix in _stop_cases():
+        script = _stop_script(stop, prefix)
+        target.script = drafter.script = script
+        for include_stop in (False, True):
+            plain_pieces, pieces = [], []
+            plain = target.generate(prompt, max_new_bytes=len(script), temperature=0, stop=stop,
+                                    include_stop=include_stop, stream=plain_pieces.append)
+            spec = target.generate(prompt, max_new_bytes=len(script), temperature=0, stop=stop, include_stop=include_stop,
+                                   draft_model=drafter, draft_len=k, stream=pieces.append)
+            case = (stop, k, prefix, include_stop)
+            assert spec.bytes == plain.bytes == script[: prefix + include_stop * len(stop)], case
+            assert spec.stop_reasons == plain.stop_reasons == ["stop"], case
+            assert spec.stats.speculative["acceptance_rate"] == 1.0  # a perfect drafter: no rollback at all
+            # whole characters only; the stop string reaches the stream only when it is included
+            assert "".join(pieces) == "".join(plain_pieces) == spec.bytes.decode(), case
+            assert spec.state.bytes_consumed == plain.state.bytes_consumed == len(prompt) + len(spec.bytes)
+
+
+def test_state_after_stop_string_inside_and_across_verifications():
+    prompt = b"Q:"
+    target, drafter = scripted(prompt, b""), scripted(prompt, b"")
+    bad = []
+    for stop, k, prefix in _stop_cases():
+        script = _stop_script(stop, prefix)
+        target.script = drafter.script = script
+        for include_stop in (False, True):
+            rollback = "rerun" if prefix % 2 else "deferred"
+            plain = target.generate(prompt, max_new_bytes=len(script), temperature=0, stop=stop, include_stop=include_stop)
+            spec = target.generate(prompt, max_new_bytes=len(script), temperature=0, stop=stop, include_stop=include_stop,
+                                   draft_model=drafter, draft_len=k, speculative_rollback=rollback)
+            assert spec.bytes == plain.bytes
+            if not (spec.state.allclose(plain.state, rtol=1e-5, atol=1e-5)
+                    and torch.allclose(spec.logits, plain.logits, rtol=1e-5, atol=1e-4)):
+                bad.append((stop, k, prefix, include_stop, spec.state.max_abs_diff(plain.state)))
+    assert not bad, f"{len(bad)} wrong final states: {bad}"

@@ -122,3 +122,130 @@ def test_subword_errors(pair):
     other = MambaByteLM.from_preset("tiny", vocab_size=300)  # not a byte model, no tokenizer
     with pytest.raises(MambaByteError):
         target.generate("x", max_new_bytes=4, draft_model=other)
+
+
+# -- rollback inside multi-byte UTF-8 characters and across stop strings ------------------------------------
+from test_generation import scripted  # noqa: E402  (tests/ is on sys.path under pytest)
+
+U_PROMPT = "Note → ".encode()
+U_SCRIPT = "café → naïve 😀 déjà vu → 北京 😃 résumé → fin 🎉 über → ok · señor ⇒ 東京 😀 «ça va» → 🎉 Ünïcödé ←".encode()
+# the drafter learns near-misses of the script: characters that share lead bytes with the target's
+# (😀/😃/😁, →/←/⇒, 北京/北海, é/è, ...), so drafted tokens are accepted up to the middle of a character
+U_TRAIN = ("café → naïve 😃 déjà vu ← 北海 😀 résumé ⇒ fin 🎈 über → ok · senor → 京都 😁 «ça» → 🎊 Ünicode ←\n"
+           "caffè ← naive 😀 deja vu → 北京 😄 résume → fín 🎉 uber ⇒ ok · señora ⇐ 東北 😃 «çà va» ← 🎈 Ünïcödé →\n")
+
+
+@pytest.fixture(scope="module")
+def utf8_pair(tmp_path_factory):
+    """A target that greedily emits U_SCRIPT (a real tiny model plus a script bias) and a subword drafter
+    briefly trained on near-misses of it, with multi-byte and partial-character BPE tokens."""
+    d = tmp_path_factory.mktemp("subword_utf8")
+    (d / "t.txt").write_bytes(U_TRAIN.encode() * 8)
+    torch.manual_seed(0)
+    train_subword_drafter([d / "t.txt"], d / "drafter", vocab_size=300, d_model=32, n_layer=1, seq_len=32, batch_size=8,
+                          lr=3e-3, max_steps=60, warmup_steps=5, device="cpu", log=lambda *a: None)
+    drafter = SubwordDrafter.from_pretrained(d / "drafter")
+    toks = [drafter.token_bytes(i) for i in range(drafter.tokenizer.vocab_size)]
+    assert any(len(t) > 1 and max(t) >= 0x80 for t in toks)  # tokens holding (parts of) multi-byte characters
+    return scripted(U_PROMPT, U_SCRIPT), drafter
+
+
+def _is_continuation(b: int) -> bool:
+    return 0x80 <= b < 0xC0
+
+
+def assert_whole_characters(pieces, text):
+    assert pieces and all(pieces)
+    for piece in pieces:
+        assert "\ufffd" not in piece, pieces  # a character split between pieces would decode to U+FFFD
+        piece.encode("utf-8")  # no lone surrogates
+    assert "".join(pieces) == text
+
+
+def test_subword_rollback_inside_multibyte_characters_and_stream(utf8_pair):
+    target, drafter = utf8_pair
+    n = len(U_SCRIPT)
+    plain_pieces = []
+    plain = target.generate(U_PROMPT, max_new_bytes=n, temperature=0, stream=plain_pieces.append)
+    assert plain.bytes == U_SCRIPT
+    for k, adaptive, rollback in ((1, False, "deferred"), (2, True, "deferred"), (3, False, "rerun"), (5, False, "deferred"),
+                                  (8, False, "rerun")):
+        pieces = []
+        spec = target.generate(U_PROMPT, max_new_bytes=n, temperature=0, draft_model=drafter, draft_len=k,
+                               adaptive_draft=adaptive, speculative_rollback=rollback, stream=pieces.append)
+        assert spec.bytes == plain.bytes, (k, adaptive, rollback)
+        assert spec.stop_reasons == plain.stop_reasons == ["length"]
+        assert spec.state.allclose(plain.state, rtol=1e-5, atol=1e-5) and torch.allclose(spec.logits, plain.logits, atol=1e-4)
+        assert spec.state.bytes_consumed == plain.state.bytes_consumed
+        assert_whole_characters(pieces, U_SCRIPT.decode())
+        assert "".join(pieces) == "".join(plain_pieces)
+        assert 0 < spec.stats.speculative["acceptance_rate"] < 1
+    # the same decode, called directly for its per-verification history: rejections happened in the middle of
+    # multi-byte characters (lead bytes accepted, a continuation byte corrected), and verifications ended
+    # inside characters, so the drafter's next tokens had to re-read a partial character (token healing)
+    lg, st = prefill(target, [U_PROMPT])
+    pieces = []
+    out, S, L, reason, sst = speculative_decode(target, SubwordDraftRunner(drafter, U_PROMPT, use_cuda_graph=False), st, lg,
+                                                None, None, n, SamplingParams(temperature=0), draft_len=5,
+                                                stream=pieces.append)
+    assert out == U_SCRIPT and reason == "length"
+    assert_whole_characters(pieces, U_SCRIPT.decode())
+    assert S.allclose(plain.state, rtol=1e-5, atol=1e-5)
+    pos, mid_char_rejections, mid_char_boundaries = 0, 0, 0
+    for kk, a in zip(sst.draft_len_history, sst.accepted_history):
+        if a < kk and a > 0 and _is_continuation(U_SCRIPT[pos + a]):
+            mid_char_rejections += 1
+        pos += a + 1
+        mid_char_boundaries += pos < n and _is_continuation(U_SCRIPT[pos])
+    assert pos == n
+    assert mid_char_rejections > 0 and mid_char_boundaries > 0, (mid_char_rejections, mid_char_boundaries)
+
+
+U_STOPS = ["😃", "北京", "é", "ok · ", "→ 🎉", "not in the text"]
+
+
+def test_subword_rollback_across_stop_strings(utf8_pair, pair):
+    target, drafter = utf8_pair
+    n = len(U_SCRIPT)
+    rejected = 0
+    ks = (2, 5, 3, 8, 1)
+    for i, stop in enumerate(U_STOPS):
+        for k, include_stop in ((ks[i % 5], False), (ks[(i + 2) % 5], True)):
+            plain_pieces, pieces = [], []
+            plain = target.generate(U_PROMPT, max_new_bytes=n, temperature=0, stop=stop, include_stop=include_stop,
+                                    stream=plain_pieces.append)
+            spec = target.generate(U_PROMPT, max_new_bytes=n, temperature=0, stop=stop, include_stop=include_stop,
+                                   draft_model=drafter, draft_len=k, stream=pieces.append,
+                                   speculative_rollback=("deferred", "rerun")[i % 2])
+            case = (stop, k, include_stop)
+            assert spec.bytes == plain.bytes, case
+            assert spec.stop_reasons == plain.stop_reasons == (["length"] if stop == U_STOPS[-1] else ["stop"]), case
+            assert spec.state.bytes_consumed == plain.state.bytes_consumed
+            assert_whole_characters(pieces, spec.bytes.decode())
+            assert "".join(pieces) == "".join(plain_pieces), case
+            rejected += spec.stats.speculative["acceptance_rate"] < 1
+    assert rejected > 0
+    # the first target (arbitrary bytes, not UTF-8): stops at a few offsets of its greedy output
+    target, drafter, _ = pair
+    full = target.generate(PROMPT, max_new_bytes=80, temperature=0).bytes
+    for start, length, k in ((10, 1, 3), (23, 2, 8), (41, 3, 1), (57, 4, 4)):
+        stop = full[start : start + length]
+        plain = target.generate(PROMPT, max_new_bytes=80, temperature=0, stop=stop)
+        spec = target.generate(PROMPT, max_new_bytes=80, temperature=0, stop=stop, draft_model=drafter, draft_len=k)
+        assert spec.bytes == plain.bytes == full[: full.find(stop)] and spec.stop_reasons == ["stop"], (start, length, k)
+
+
+def test_subword_state_after_stop_strings(utf8_pair):
+    target, drafter = utf8_pair
+    n, bad = len(U_SCRIPT), []
+    for stop in (" ", "→"):  # early in the script: the drafter's first tokens are accepted across them
+        for k in (2, 3, 4, 5, 6):
+            for include_stop in (False, True):
+                plain = target.generate(U_PROMPT, max_new_bytes=n, temperature=0, stop=stop, include_stop=include_stop)
+                spec = target.generate(U_PROMPT, max_new_bytes=n, temperature=0, stop=stop, include_stop=include_stop,
+                                       draft_model=drafter, draft_len=k)
+                assert spec.bytes == plain.bytes
+                if not (spec.state.allclose(plain.state, rtol=1e-5, atol=1e-5)
+                        and torch.allclose(spec.logits, plain.logits, rtol=1e-5, atol=1e-4)):
+                    bad.append((stop, k, include_stop, spec.state.max_abs_diff(plain.state)))
+    assert not bad, f"{len(bad)} wrong final states: {bad}"

@@ -181,17 +181,23 @@ class SubwordDraftRunner:
     """A subword drafter (:class:`mambabyte.subword.SubwordDrafter`: ``.model`` over BPE tokens,
     ``.encode(bytes)``, ``.token_bytes(id)``) proposing bytes for byte-level verification.
 
-    Drafting samples whole tokens (the sampling transform applied to token logits) until k bytes are
-    covered and proposes their first k bytes as a point mass, q = one-hot. With that q the acceptance
-    rule (accept x with probability p(x), else draw from p with x removed, renormalised) is exact: each
-    emitted byte has the target's distribution whatever the drafter proposed, so the output distribution
-    equals the target's at any temperature; the acceptance probability is p(x) rather than min(1, p/q).
+    Drafting picks whole tokens until k bytes are covered and proposes their first k bytes as a point
+    mass, q = one-hot. A token is chosen byte by byte down the vocabulary's byte trie: at each byte the
+    drafter either ends the token (the token spelled so far) or continues with byte b, whichever keeps
+    the larger total probability of tokens. So the proposal follows the drafter's byte-level marginals
+    -- ' t' is proposed when the many tokens starting with ' t' together outweigh the single likeliest
+    token ' and' -- at one drafter step per token. The proposal is this most likely path at every
+    temperature: with q one-hot the acceptance rule (accept x with probability p(x), else draw from p
+    with x removed, renormalised) is exact -- each emitted byte has the target's distribution whatever
+    was proposed, so the output distribution equals the target's -- and the likeliest bytes are the
+    ones accepted most often. The acceptance probability is p(x) rather than min(1, p/q).
 
     Rollback: after a verification the drafter's state is restored to the last token boundary inside
     the accepted bytes; the accepted bytes after that boundary plus the emitted byte become a pending
-    remainder r. The next draft first samples tokens consistent with r (a token that starts with r, or a
-    prefix of r, then the rest of r), so the drafter re-reads the corrected text as tokens of its own
-    vocabulary ("token healing"), and proposes only the bytes after r.
+    remainder r. The next draft re-reads r as the tokenizer splits it (the drafter saw such splits in
+    training), except the longest tail of that split that some token starts with: the first drafted
+    token must start with that tail ("token healing": the drafter re-chooses how the tail and the text
+    after it are tokenized). The proposal is the bytes after r.
     """
 
     kind = "subword"
@@ -204,6 +210,13 @@ class SubwordDraftRunner:
         n_tok = getattr(getattr(drafter, "tokenizer", None), "vocab_size", V)
         self.tok_bytes = [drafter.token_bytes(i) if i < n_tok else b"" for i in range(V)]
         self.empty = torch.tensor([len(b) == 0 for b in self.tok_bytes], device=self.dev)
+        # the vocabulary as a byte table on the host, for the trie walk (-1 past a token's end)
+        lens = [len(b) for b in self.tok_bytes]
+        self._lens = torch.tensor(lens, dtype=torch.long)
+        self._tab = torch.full((V, max(max(lens), 1)), -1, dtype=torch.long)
+        for i, b in enumerate(self.tok_bytes):
+            if b:
+                self._tab[i, : len(b)] = torch.tensor(list(b), dtype=torch.long)
         self.runner = get_step_runner(self.model, 1, use_cuda_graph)
         context = context or bos or b"\n"
         ids = drafter.encode(context)
@@ -222,21 +235,73 @@ class SubwordDraftRunner:
         self._snaps: List[Tuple[int, MambaState, Tensor]] = []
         self._consumed = b""
 
-    def _compatible(self, r: bytes) -> Tensor:
-        ok = [bool(b) and (b.startswith(r) or r.startswith(b)) for b in self.tok_bytes]
-        return torch.tensor(ok, device=self.dev)
+    def _starts(self, r: bytes) -> Tensor:
+        n = len(r)
+        rr = torch.tensor(list(r), dtype=torch.long)
+        return (self._lens >= n) & (self._tab[:, :n] == rr[None, :]).all(1)
+
+    def _walk(self, probs: Tensor, r: bytes) -> int:
+        """The drafter's next token (an id) by the trie walk of the class docstring: probs (V,) host
+        token probabilities; r: bytes the token must start with (token healing)."""
+        lens, tab = self._lens, self._tab
+        alive = lens > 0
+        if r:
+            alive = alive & self._starts(r)
+        m = 0
+        while True:
+            end_tok, end_mass = None, -1.0
+            if m > 0:
+                eq = (alive & (lens == m)).nonzero()
+                if eq.numel():
+                    end_tok = int(eq[0, 0])
+                    end_mass = float(probs[end_tok])
+            cont = torch.full((256,), -1.0, dtype=probs.dtype)  # -1: no token continues with that byte
+            longer = alive & (lens > m)
+            if m < tab.shape[1] and bool(longer.any()):
+                cont.index_add_(0, tab[longer, m], probs[longer])
+                cont[torch.unique(tab[longer, m])] += 1.0  # back from -1 to the mass itself
+            if m < len(r):  # inside r the only continuation is r's next byte
+                keep = cont[r[m]].clone()
+                cont.fill_(-1.0)
+                cont[r[m]] = keep
+            b = int(cont.argmax())
+            if end_tok is not None and end_mass >= float(cont[b]):
+                return end_tok
+            if float(cont[b]) < 0:  # nothing continues and no token ends here (cannot happen for a
+                raise RuntimeError("subword drafter: no token fits the pending bytes")  # byte-level BPE)
+            alive = alive & (tab[:, m] == b)
+            m += 1
 
     def draft(self, kk: int, pending: Optional[int], params: SamplingParams, generator=None) -> Tuple[Tensor, Tensor]:
         r0 = self.pending
-        r = r0
         consumed = bytearray()  # bytes read by the drafted tokens (r0 first, then the proposal)
         self._snaps = [(0, self.runner.state.clone(), self.logits.clone())]
         qlog = self.logits
+        r = r0
+        if r0:
+            # re-read the pending bytes as the tokenizer splits them (the drafter saw such splits in
+            # training), except the longest tail of that split that some token starts with: the next
+            # token must start with that tail (token healing: the drafter re-chooses how the tail and
+            # the text after it are tokenized)
+            ids = self.d.encode(r0)
+            j = len(ids) - 1
+            for i in range(len(ids)):
+                tail = b"".join(self.tok_bytes[t] for t in ids[i:])
+                if len(tail) <= self._tab.shape[1] and bool(self._starts(tail).any()):
+                    j = i
+                    break
+            for t in ids[:j]:
+                consumed += self.tok_bytes[t]
+                qlog = self.runner(torch.tensor([t], device=self.dev))
+                self._snaps.append((len(consumed), self.runner.state.clone(), qlog.clone()))
+            r = b"".join(self.tok_bytes[t] for t in ids[j:])
         while len(consumed) < len(r0) + kk:
-            lg = qlog.float().masked_fill(self.empty, float("-inf"))
-            if r:
-                lg = lg.masked_fill(~self._compatible(r), float("-inf"))
-            tok = int(sample_from_probs(_probs(lg, params), generator)[0])
+            # the proposal is the drafter's most likely byte path whatever the temperature: with the
+            # point-mass rule a drafted byte x is accepted with probability p(x), so the likeliest
+            # bytes are the best proposals, and the output distribution stays exactly the target's
+            lg = qlog.float().reshape(-1).masked_fill(self.empty, float("-inf")).to("cpu", torch.float64)
+            raw = lg.softmax(-1)
+            tok = self._walk(raw, r)
             b = self.tok_bytes[tok]
             consumed += b
             r = r[len(b):] if r.startswith(b) else b""
@@ -367,9 +432,10 @@ def speculative_decode(
         st.draft_len_history.append(kk)
         st.accepted_history.append(a)
         lookback = matcher.max_len if matcher else 0
-        # the final state starts from the latest snapshot at or before the returned length, which can
-        # no longer fall below len(out) - lookback: older snapshots are not needed
-        while len(snaps) >= 2 and snaps[1][0] <= len(out) - lookback:
+        # the final state starts from the latest snapshot at or before the returned length. A stop
+        # string found below may start up to lookback - 1 bytes before this verification's new bytes,
+        # so the returned length is at least len(out) - len(new) - lookback + 1: older snapshots go
+        while len(snaps) >= 2 and snaps[1][0] <= len(out) - len(new) - lookback + 1:
             snaps.popleft()
         if adaptive and kk > 0:
             if a == kk:
