@@ -215,3 +215,24 @@ def test_a_subword_model_is_refused_as_the_main_model(tmp_path, capsysbinary):
     assert rc == 2 and "512-token vocabulary" in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(mambabyte.MambaByteError, match="not 256 bytes"):
         mambabyte.generate(MambaByteLM.from_pretrained(sub), "hi", max_new_bytes=2)
+
+
+def test_cli_broken_state_files_are_one_line_each(ckpt, tiny_model, capsysbinary, tmp_path):
+    from mambabyte import MambaByteConfig
+
+    good = tmp_path / "good.safetensors"
+    st = tiny_model(torch.tensor([list(b"some text")]), return_state=True).state
+    mambabyte.save_state(good, st, model=tiny_model)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:100])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a state file at all")
+    other = MambaByteLM(MambaByteConfig(d_model=32, n_layer=1))  # another shape
+    wrong = tmp_path / "wrong_shape.safetensors"
+    mambabyte.save_state(wrong, other.allocate_state(1), model=other)
+    for path, needle in ((truncated, ""), (junk, ""), (wrong, "does not fit"), (tmp_path / "gone.safetensors", "")):
+        rc, out, err = run_cli(gen_cli.main, ["--model", ckpt, "--state", str(path), "--prompt", "x",
+                                              "--max_new_bytes", "2"], capsysbinary)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (path.name, err)
+        assert needle in err, (path.name, err)
+        assert out == b""
