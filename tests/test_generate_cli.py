@@ -236,3 +236,33 @@ def test_cli_broken_state_files_are_one_line_each(ckpt, tiny_model, capsysbinary
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (path.name, err)
         assert needle in err, (path.name, err)
         assert out == b""
+
+
+@pytest.mark.parametrize("sep", ["", "\n--\n"])
+def test_state_build_from_an_existing_state_equals_one_build(ckpt, tiny_model, capsysbinary, tmp_path, sep):
+    import hashlib
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"The first part of a long text. " * 5)
+    b.write_bytes("and the second, with é and → in it.".encode() * 3)
+    common = ["--model", ckpt, "--no_progress", "--chunk_bytes", "40", "--separator", sep]
+    for argv in (["build", "whole", "--source", str(a), str(b), "--store_text"],
+                 ["build", "first", "--source", str(a), "--store_text"],
+                 ["build", "more", "--source", str(b), "--from", "first", "--store_text"],
+                 ["build", "first_bare", "--source", str(a)],
+                 ["build", "more_bare", "--source", str(b), "--from", "first_bare"]):
+        rc, out, err = run_cli(state_cli.main, argv + common, capsysbinary)
+        assert rc == 0, (argv, err)
+    whole, wm, _ = mambabyte.load_state("whole", tiny_model, return_meta=True)
+    more, mm, _ = mambabyte.load_state("more", tiny_model, return_meta=True)
+    bare, bm, _ = mambabyte.load_state("more_bare", tiny_model, return_meta=True)
+    assert more.allclose(whole, rtol=1e-5, atol=1e-6) and bare.allclose(whole, rtol=1e-5, atol=1e-6)
+    assert more.bytes_consumed == whole.bytes_consumed == len(a.read_bytes() + sep.encode() + b.read_bytes())
+    assert mm["text_sha256"] == wm["text_sha256"]  # stored text: the whole text's hash
+    assert mm["source"] == wm["source"]
+    assert bm["text_sha256"] is None and bm["extra"]["extension_text_sha256"] == hashlib.sha256(
+        sep.encode() + b.read_bytes()).hexdigest() and bm["extra"]["parent"].endswith("first_bare.safetensors")
+    # it continues exactly: greedy from the extended state == greedy from the one-pass state
+    g1 = mambabyte.generate(tiny_model, "", max_new_bytes=12, temperature=0, state=more)
+    g2 = mambabyte.generate(tiny_model, "", max_new_bytes=12, temperature=0, state=whole)
+    assert g1.bytes == g2.bytes

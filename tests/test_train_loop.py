@@ -249,3 +249,34 @@ def test_micro_batch_size_is_a_cap_and_every_shipped_config_fits_1_to_8_processe
 def test_model_override_without_a_model_section_refines_the_default(tmp_path):
     cfg = make_config(None, {"model.d_state": 4, "data": [str(DATA / "train")]})
     assert cfg.model == {"preset": "tiny", "d_state": 4}
+
+
+def test_inf_gradient_with_a_finite_loss_also_stops_the_run(tmp_path, monkeypatch, capsys):
+    import mambabyte.training.trainer as tr
+
+    real, calls = tr.compute_loss, {"n": 0}
+
+    class _InfGrad(torch.autograd.Function):  # identity forward, infinite gradient backward
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    def poisoned(logits, y):
+        calls["n"] += 1
+        return real(_InfGrad.apply(logits) if calls["n"] == 3 else logits, y)
+
+    monkeypatch.setattr(tr, "compute_loss", poisoned)
+    out = tmp_path / "inf"
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data", str(DATA / "train"), "--out_dir", str(out), "--seq_len", "32", "--batch_size", "2",
+                    "--max_steps", "6", "--checkpoint_every", "2", "--progress", "off", "--warmup_steps", "1"])
+    assert e.value.code == 1
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "gradient norm became" in err[0] and "at step 3" in err[0], err
+    assert [p.name for p in list_checkpoints(out)] == ["step_000002.pt"]
+    ck = load_checkpoint(list_checkpoints(out)[-1])
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())

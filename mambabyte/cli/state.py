@@ -1,6 +1,6 @@
 """``mambabyte state``: the local library of recurrent states ($MAMBABYTE_HOME/states).
 
-    mambabyte state build NAME --source book.txt [more.txt ...] [--chunk_bytes N] [--store_text] [--model M]
+    mambabyte state build NAME --source book.txt [more.txt ...] [--from STATE] [--chunk_bytes N] [--store_text] [--model M]
     mambabyte state list [--json]
     mambabyte state show NAME|PATH [--json]
     mambabyte state rm NAME
@@ -35,6 +35,8 @@ def build_parser() -> ArgumentParser:
     b.add_argument("--description", default=None)
     b.add_argument("--tags", default=None, help="comma-separated tags")
     b.add_argument("--force", action="store_true", help="overwrite an existing state of that name")
+    b.add_argument("--from", dest="from_state", default=None, metavar="STATE",
+                   help="continue this saved state (name or path) instead of starting from the zero state")
     b.add_argument("--seed", type=int, default=0, help="seed for a random model (when no checkpoint is given)")
     b.add_argument("--no_progress", action="store_true")
     add_model_args(b)
@@ -95,14 +97,35 @@ def _cmd_build(args) -> int:
                                  f"a state file can store; leave out --store_text (the source paths are kept)")
     torch.manual_seed(args.seed)
     model = load_model(args)
-    state, info = build_state(model, srcs, chunk_bytes=args.chunk_bytes, separator=sep, return_info=True,
-                              progress=False if args.no_progress else None)
+    start = parent = None
+    if args.from_state:
+        from ..statelib import load_state, resolve_state_path
+
+        start, parent, _ = load_state(args.from_state, model, allow_fingerprint_mismatch=args.force, return_meta=True)
+    # continuing a state: the separator also goes between its text and the first new file
+    items = ([b""] if (start is not None and sep) else []) + srcs
+    state, info = build_state(model, items, chunk_bytes=args.chunk_bytes, separator=sep, return_info=True,
+                              progress=False if args.no_progress else None, state=start)
+    new_text = (sep if (start is not None and sep) else b"") + sep.join(s.read_bytes() for s in srcs) \
+        if args.store_text else None
     meta = {"text_sha256": info["text_sha256"], "source": [str(s.resolve()) for s in srcs],
             "description": args.description, "tags": args.tags or []}
     if sep:
         meta["separator"] = sep.decode("utf-8", errors="surrogateescape")
-    if args.store_text:
-        meta["text"] = sep.join(s.read_bytes() for s in srcs)
+    if parent is not None:
+        from ..statelib import meta_text_bytes
+
+        meta["parent"] = str(resolve_state_path(args.from_state))
+        meta["source"] = list(parent.get("source") or []) + meta["source"]
+        if args.store_text and parent.get("text") is not None:
+            new_text = meta_text_bytes(parent) + new_text  # the whole text: its sha256 is recomputed
+        else:  # the whole text is not at hand: keep the sha256 of each part
+            meta["text_sha256"] = None
+            meta["parent_text_sha256"] = parent.get("text_sha256")
+            meta["extension_text_sha256"] = info["text_sha256"]
+            new_text = None
+    if new_text is not None:
+        meta["text"] = new_text
     meta = {k: v for k, v in meta.items() if v is not None}
     p = save_state(target, state, meta, model=model, logits=info["logits"])
     print(f"built state from {len(srcs)} file(s), {info['bytes']} bytes -> {p}")
