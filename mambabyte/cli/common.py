@@ -103,6 +103,8 @@ def add_model_args(p: argparse.ArgumentParser, paper_names: bool = True) -> None
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU), bf16, fp16")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is often fastest for small models and on busy machines)")
+    p.add_argument("--verbose", action="store_true",
+                   help="log which backend each op uses and why, and other details, on stderr")
 
 
 def read_yaml_general(path: str) -> dict:
@@ -127,6 +129,8 @@ def _random_model(config, args, what: str):
 
 def load_model(args, default_random_preset: str = "tiny", default_model_id: Optional[str] = None):
     """See :func:`_load_model`; the model must be byte-level (a subword model only drafts)."""
+    if getattr(args, "verbose", False):
+        setup_logging(True)
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
