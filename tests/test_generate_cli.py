@@ -266,3 +266,29 @@ def test_state_build_from_an_existing_state_equals_one_build(ckpt, tiny_model, c
     g1 = mambabyte.generate(tiny_model, "", max_new_bytes=12, temperature=0, state=more)
     g2 = mambabyte.generate(tiny_model, "", max_new_bytes=12, temperature=0, state=whole)
     assert g1.bytes == g2.bytes
+
+
+def test_interactive_speculative_gives_the_drafter_the_earlier_turns(ckpt, tiny_model, capsysbinary, monkeypatch):
+    """--interactive --speculative with the target as its own drafter: the drafter reads the transcript
+    before each new line, every drafted byte is accepted, and the text is plain greedy's."""
+    from mambabyte.generation import speculative
+
+    seen, real = [], speculative.speculative_generate
+
+    def spy(*a, **kw):
+        seen.append(kw.get("draft_context"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(speculative, "speculative_generate", spy)
+    stdin = io.TextIOWrapper(io.BytesIO(b"first turn\nsecond\n/quit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc, out, err = run_cli(gen_cli.main, ["--model", ckpt, "--interactive", "--max_new_bytes", "24", "--temperature",
+                                          "0", "--speculative", "--drafter", ckpt, "--draft_len", "4", "--stats"],
+                           capsysbinary)
+    assert rc == 0, err
+    r1 = tiny_model.generate("first turn\n", max_new_bytes=24, temperature=0)
+    r2 = tiny_model.generate("second\n", state=r1.state, max_new_bytes=24, temperature=0)
+    assert out.decode("utf-8") == r1.text + "\n" + r2.text + "\n"
+    rates = [line for line in err.splitlines() if "speculative: draft_len" in line]
+    assert len(rates) == 2 and all("acceptance 1.000" in line for line in rates), err
+    assert seen == [b"", b"first turn\n" + r1.bytes]  # the second turn's drafter read the first

@@ -371,3 +371,21 @@ def test_state_after_stop_string_inside_and_across_verifications():
                     and torch.allclose(spec.logits, plain.logits, rtol=1e-5, atol=1e-4)):
                 bad.append((stop, k, prefix, include_stop, spec.state.max_abs_diff(plain.state)))
     assert not bad, f"{len(bad)} wrong final states: {bad}"
+
+
+def test_draft_context_lets_the_drafter_read_what_the_state_holds(target):
+    """Continuing a state the drafter never saw: with draft_context (the text behind the state) a drafter
+    equal to the target accepts everything; without it the drafter guesses from the new prompt alone.
+    Output is plain greedy's either way."""
+    first = target.generate("An earlier turn of a conversation.\n", max_new_bytes=40, temperature=0)
+    history = b"An earlier turn of a conversation.\n" + first.bytes
+    plain = target.generate("Next:", max_new_bytes=40, temperature=0, state=first.state)
+    blind = target.generate("Next:", max_new_bytes=40, temperature=0, state=first.state, draft_model=target,
+                            draft_len=4)
+    told = target.generate("Next:", max_new_bytes=40, temperature=0, state=first.state, draft_model=target,
+                           draft_len=4, draft_context=history)
+    assert blind.bytes == told.bytes == plain.bytes
+    assert told.stats.speculative["acceptance_rate"] == 1.0
+    assert blind.stats.speculative["acceptance_rate"] < 1.0
+    with pytest.raises(MambaByteError, match="either draft_state or draft_context"):
+        target.generate("x", max_new_bytes=2, draft_model=target, draft_state=first.state, draft_context=b"y")

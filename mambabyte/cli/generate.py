@@ -287,7 +287,9 @@ def _repl(model, args, kw, out, state, logits, prompt, generator, save_target) -
                     sys.stderr.write(f"(error: {exc})\n")
                 continue
             line = line + b"\n"
-        r = generate(model, line, state=state, logits=logits, generator=generator, stream=out.text, **kw)
+        # the drafter has not read the earlier turns: give it the recent ones before this line
+        extra = {"draft_context": bytes(transcript[-4096:])} if kw.get("draft_model") is not None and transcript else {}
+        r = generate(model, line, state=state, logits=logits, generator=generator, stream=out.text, **kw, **extra)
         out.text("\n")
         state, logits = r.state, r.logits
         transcript += line + r.sequences[0]

@@ -215,6 +215,7 @@ def generate(
     draft_len: int = 4,
     adaptive_draft: bool = False,
     draft_state: Optional[MambaState] = None,
+    draft_context: Union[str, bytes] = b"",
     speculative_rollback: str = "deferred",
     verify_cuda_graph: bool = False,
 ) -> GenerationResult:
@@ -239,6 +240,8 @@ def generate(
             sequence, ``stream(text, index)`` for several. Stop strings never reach it.
         use_cuda_graph: capture the decode step in a CUDA graph on GPU (ignored on CPU).
         sync_every: host syncs (stop checks, streaming) every this many bytes (default 1 on CPU, 16 on GPU).
+        draft_context: text the drafter reads before the prompt, when ``state`` holds text the drafter
+            has not seen (e.g. earlier turns of a conversation); ignored without ``draft_model``.
         draft_model / draft_len / adaptive_draft / draft_state / speculative_rollback / verify_cuda_graph:
             speculative decoding with a byte-level MambaByte or a subword drafter (``mambabyte.subword.SubwordDrafter``;
             see :mod:`mambabyte.generation.speculative`).
@@ -309,6 +312,7 @@ def generate(
                 model, draft_model, feed, st, lg, max_new_bytes, params, stops=stops, include_stop=include_stop,
                 generator=generator, stream=_stream_adapter(stream, n_seq), draft_len=draft_len,
                 adaptive=adaptive_draft, draft_state=draft_state, stats=stats, bos=bos_b,
+                draft_context=_as_bytes(draft_context) if draft_context else b"",
                 prompts_given=[p for p in prompts for _ in range(num_samples)], use_cuda_graph=use_cuda_graph,
                 rollback=speculative_rollback, verify_cuda_graph=verify_cuda_graph,
             )

@@ -484,8 +484,10 @@ def speculative_generate(
     model, draft_model, feed, st, lg, max_new_bytes, params: SamplingParams, stops=(), include_stop=False,
     generator=None, stream=None, draft_len=4, adaptive=False, draft_state=None, stats=None, bos=b"\n",
     prompts_given=None, use_cuda_graph: bool = True, rollback: str = "deferred", verify_cuda_graph: bool = False,
+    draft_context: bytes = b"",
 ):
-    """``generate(..., draft_model=D)``: prefill the drafter, then decode each sequence speculatively."""
+    """``generate(..., draft_model=D)``: prefill the drafter (with ``draft_context`` before each prompt:
+    text the target's state holds but the drafter has not read), then decode each sequence speculatively."""
     from .core import GenerationResult
 
     if params.uses_penalties:
@@ -503,13 +505,15 @@ def speculative_generate(
         raise MambaByteError(f"the drafter is on {dmodel.device} but the model is on {model.device}")
     if subword and draft_state is not None:
         raise MambaByteError("draft_state is for byte-level drafters; a subword drafter re-reads the prompt")
+    if draft_state is not None and draft_context:
+        raise MambaByteError("give the drafter either draft_state or draft_context, not both")
     dev = model.device
     was_training = dmodel.training
     dmodel.eval()
     n_seq = len(feed)
     t0 = time.perf_counter()
     # rows without prompt bytes (continuing from given target logits) give the drafter the bos byte
-    dfeed = [p if p else (bos or b"\n") for p in feed]
+    dfeed = [draft_context + p if (draft_context or p) else (bos or b"\n") for p in feed]
     runners = []
     if subword:
         with torch.no_grad():
