@@ -524,7 +524,7 @@ def _block_consts(mixer) -> Tuple[torch.Tensor, ...]:
             mixer.conv1d.bias.float().contiguous() if mixer.conv1d.bias is not None else None,
             mixer.dt_proj.bias.float().contiguous() if mixer.dt_proj.bias is not None else None,
         )
-    if not torch.cuda.is_current_stream_capturing():
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         # made during a graph capture, the kernels computing them have not run yet: use, don't keep
         mixer._mb_block_consts = (key, consts)
     return consts
