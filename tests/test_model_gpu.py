@@ -141,3 +141,47 @@ def test_fused_block_step_falls_back_when_it_cannot_run(monkeypatch):
     h = m2.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda *a: None)
     assert "hooks" in cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(1), 1)
     h.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 8, 10])
+def test_layer_step_kernel_matches_its_pytorch_transcription(dtype, batch):
+    """ext.layer_step against tests/test_fused_block_step_wiring.py's transcription of the three kernels,
+    on the same inputs: the kernel alone (no model wiring), d_model 512 (d_inner 1024 = 4 groups)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_fused_block_step_wiring import emulated_layer_step
+
+    from mambabyte.ops import cuda_backend
+
+    assert cuda_backend.status()[0] and hasattr(cuda_backend._ext(), "layer_step")
+    m = _random_model(MambaByteConfig(d_model=512, n_layer=1, bias=True), dtype)
+    layer = m.backbone.layers[0]
+    mx = layer.mixer
+    A, D, conv_w, conv_b, dt_b = cuda_backend._block_consts(mx)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(batch, 512, device="cuda", generator=g).to(dtype)
+    residual = torch.randn(batch, 512, device="cuda", generator=g)
+    st = m.allocate_state(batch)
+    st.conv.normal_(generator=g)
+    st.ssm.normal_(generator=g)
+    outs = []
+    for fn in (cuda_backend._ext().layer_step, emulated_layer_step):
+        s = st.clone()
+        counters = torch.zeros(64, dtype=torch.int32, device="cuda")
+        with torch.no_grad():
+            out, res = fn(hidden, residual, True, layer.norm.weight, layer.norm.bias, float(layer.norm.eps), False,
+                          mx.in_proj.weight, mx.in_proj.bias, conv_w, conv_b, s.conv[0], mx.x_proj.weight,
+                          mx.dt_proj.weight, dt_b, A, D, s.ssm[0], mx.out_proj.weight, mx.out_proj.bias, counters)
+        assert int(counters.abs().sum()) == 0  # the kernel leaves its counters zero
+        outs.append((out.float(), res.float(), s))
+    (o1, r1, s1), (o2, r2, s2) = outs
+    torch.testing.assert_close(r1, r2, rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(o1, o2, **tol)
+    torch.testing.assert_close(s1.ssm, s2.ssm, **tol)
+    torch.testing.assert_close(s1.conv, s2.conv, **tol)
