@@ -723,14 +723,22 @@ def train(config: Union[None, str, Path, Mapping[str, Any], TrainConfig] = None,
     cfg = make_config(config, ov)
     d = setup_distributed(cfg)
     ok = False
+    trainer = None
     try:
-        res = Trainer(cfg, d).run()
+        trainer = Trainer(cfg, d)
+        res = trainer.run()
         ok = True
         return res
     finally:
         if d.created_group:
+            import gc
+
             import torch.distributed as dist
 
+            # free the wrapped model (DDP's reducer holds communication work objects) while the process
+            # group and the interpreter are alive, not in the garbage collection at interpreter exit
+            trainer = None
+            gc.collect()
             if dist.is_initialized():
                 if ok:
                     # every rank leaves together: a rank that tears its connections down while a peer is
