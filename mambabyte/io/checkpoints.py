@@ -121,9 +121,13 @@ def read_tensor_file(path: Path) -> Dict[str, Any]:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        msg = str(exc)
+        # torch's own message here suggests retrying with weights_only=False: unsafe advice for a
+        # file from elsewhere, so it is not passed on
+        why = "" if "weights only" in msg.lower().replace("_", " ") or "unpickler" in msg.lower() else f": {_first_line(exc)}"
         raise CheckpointError(
             f"could not read {str(path)!r} as a torch checkpoint with weights_only=True (corrupt, truncated, or "
-            f"contains pickled objects we refuse to load): {_first_line(exc)}"
+            f"contains pickled objects we refuse to load){why}"
         ) from None
 
 

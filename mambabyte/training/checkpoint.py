@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import CheckpointError, MambaByteError
-from ..io.checkpoints import _atomic_write_bytes
+from ..io.checkpoints import _atomic_write_bytes, read_tensor_file
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -62,18 +62,7 @@ def save_checkpoint(path, payload: Dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ck = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if "weights only" in str(exc).lower().replace("_", " ") or "unpickler" in str(exc).lower():
-            # torch's hint to retry with weights_only=False is unsafe advice for a file from elsewhere
-            first = "not a mambabyte checkpoint (corrupt, or it holds objects other than tensors and plain containers)"
-        else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not read checkpoint {str(path)!r}: {first}") from None
+    ck = read_tensor_file(Path(path))  # weights_only=True; a missing, empty or corrupt file is one error line
     if not isinstance(ck, dict) or "model" not in ck or "step" not in ck:
         raise CheckpointError(f"{str(path)!r} is not a mambabyte training checkpoint (no model/step)")
     return ck
