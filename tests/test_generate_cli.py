@@ -25,6 +25,8 @@ def ckpt(tiny_model, tmp_path, monkeypatch):
 
 
 def run_cli(main, argv, capsysbinary):
+    """(exit status, stdout bytes, stderr text) of an in-process CLI call."""
+    capsysbinary.readouterr()  # drop anything printed before
     try:
         rc = main(argv)
     except SystemExit as e:

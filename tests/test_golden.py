@@ -53,19 +53,10 @@ def test_shipped_models_load_by_name():
 # The shipped models end to end through the CLIs and the library API (CPU, a few bytes each).
 from pathlib import Path  # noqa: E402
 
+from test_generate_cli import run_cli as _run_cli  # noqa: E402  (tests/ is on sys.path under pytest)
+
 CLI_BYTES = 24  # bytes generated per CLI run: enough for several speculative verifications, still fast
 SHIPPED_SIZE_LIMIT_MIB = {"mambabyte-small": 16, "mambabyte-draft": 2, "mambabyte-subword-draft": 8}
-
-
-def _run_cli(main, argv, capsysbinary):
-    """(exit status, stdout bytes, stderr text) of an in-process CLI call."""
-    capsysbinary.readouterr()  # drop anything printed before
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsysbinary.readouterr()
-    return rc, out, err.decode("utf-8", errors="replace")
 
 
 @pytest.fixture

@@ -88,6 +88,16 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
 
 
+def _diverging_run(out, max_steps, capsys):
+    """train (CLI) into ``out`` with a checkpoint every 2 steps; it must exit 1. Returns the error lines."""
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data", str(DATA / "train"), "--out_dir", str(out), "--seq_len", "32", "--batch_size", "2",
+                    "--max_steps", str(max_steps), "--checkpoint_every", "2", "--progress", "off",
+                    "--warmup_steps", "1"])
+    assert e.value.code == 1
+    return [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+
+
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import mambabyte.training.trainer as tr
 
@@ -100,12 +110,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(tr, "compute_loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(SystemExit) as e:
-        train_main(["--data", str(DATA / "train"), "--out_dir", str(out), "--seq_len", "32", "--batch_size", "2",
-                    "--max_steps", "8", "--checkpoint_every", "2", "--progress", "off", "--warmup_steps", "1"])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    last = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    last = _diverging_run(out, 8, capsys)
     assert len(last) == 1 and "at step 5" in last[-1] and "step_000004.pt" in last[-1]
     cks = list_checkpoints(out)
     assert [p.name for p in cks] == ["step_000002.pt", "step_000004.pt"]
@@ -271,11 +276,7 @@ def test_inf_gradient_with_a_finite_loss_also_stops_the_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(tr, "compute_loss", poisoned)
     out = tmp_path / "inf"
-    with pytest.raises(SystemExit) as e:
-        train_main(["--data", str(DATA / "train"), "--out_dir", str(out), "--seq_len", "32", "--batch_size", "2",
-                    "--max_steps", "6", "--checkpoint_every", "2", "--progress", "off", "--warmup_steps", "1"])
-    assert e.value.code == 1
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.startswith("error:")]
+    err = _diverging_run(out, 6, capsys)
     assert len(err) == 1 and "gradient norm became" in err[0] and "at step 3" in err[0], err
     assert [p.name for p in list_checkpoints(out)] == ["step_000002.pt"]
     ck = load_checkpoint(list_checkpoints(out)[-1])
