@@ -206,17 +206,8 @@ class SubwordDraftRunner:
         self.d = drafter
         self.model = drafter.model
         self.dev = self.model.device
-        V = self.model.config.vocab_size
-        n_tok = getattr(getattr(drafter, "tokenizer", None), "vocab_size", V)
-        self.tok_bytes = [drafter.token_bytes(i) if i < n_tok else b"" for i in range(V)]
-        self.empty = torch.tensor([len(b) == 0 for b in self.tok_bytes], device=self.dev)
-        # the vocabulary as a byte table on the host, for the trie walk (-1 past a token's end)
-        lens = [len(b) for b in self.tok_bytes]
-        self._lens = torch.tensor(lens, dtype=torch.long)
-        self._tab = torch.full((V, max(max(lens), 1)), -1, dtype=torch.long)
-        for i, b in enumerate(self.tok_bytes):
-            if b:
-                self._tab[i, : len(b)] = torch.tensor(list(b), dtype=torch.long)
+        self.tok_bytes, self._lens, self._tab = _vocab_table(drafter, self.model.config.vocab_size)
+        self.empty = (self._lens == 0).to(self.dev)
         self.runner = get_step_runner(self.model, 1, use_cuda_graph)
         context = context or bos or b"\n"
         ids = drafter.encode(context)
@@ -255,15 +246,15 @@ class SubwordDraftRunner:
                 if eq.numel():
                     end_tok = int(eq[0, 0])
                     end_mass = float(probs[end_tok])
-            cont = torch.full((256,), -1.0, dtype=probs.dtype)  # -1: no token continues with that byte
+            # the probability each next byte keeps; -1 where no live token continues with it
+            cont = torch.full((256,), -1.0, dtype=probs.dtype)
             longer = alive & (lens > m)
             if m < tab.shape[1] and bool(longer.any()):
-                cont.index_add_(0, tab[longer, m], probs[longer])
-                cont[torch.unique(tab[longer, m])] += 1.0  # back from -1 to the mass itself
+                nxt = tab[longer, m]
+                cont[nxt] = 0.0
+                cont.index_add_(0, nxt, probs[longer])
             if m < len(r):  # inside r the only continuation is r's next byte
-                keep = cont[r[m]].clone()
-                cont.fill_(-1.0)
-                cont[r[m]] = keep
+                cont[torch.arange(256) != r[m]] = -1.0
             b = int(cont.argmax())
             if end_tok is not None and end_mass >= float(cont[b]):
                 return end_tok
@@ -302,9 +293,8 @@ class SubwordDraftRunner:
             lg = qlog.float().reshape(-1).masked_fill(self.empty, float("-inf")).to("cpu", torch.float64)
             raw = lg.softmax(-1)
             tok = self._walk(raw, r)
-            b = self.tok_bytes[tok]
-            consumed += b
-            r = r[len(b):] if r.startswith(b) else b""
+            consumed += self.tok_bytes[tok]
+            r = b""  # the token started with r: healed
             qlog = self.runner(torch.tensor([tok], device=self.dev))
             self._snaps.append((len(consumed), self.runner.state.clone(), qlog.clone()))
         self._consumed = bytes(consumed)
@@ -330,6 +320,27 @@ class SubwordDraftRunner:
             self.runner.load(st2)
             self.logits = lg2
             self.pending = self.pending[-16:]
+
+
+def _vocab_table(drafter, V: int) -> Tuple[List[bytes], Tensor, Tensor]:
+    """(bytes of each token id, their lengths, a (V, longest) host byte table, -1 past a token's end)
+    of a subword drafter's vocabulary padded to V ids: built once per drafter, kept on it."""
+    cached = getattr(drafter, "_mb_vocab_table", None)
+    if cached is not None and len(cached[0]) == V:
+        return cached
+    n_tok = getattr(getattr(drafter, "tokenizer", None), "vocab_size", V)
+    tok_bytes = [drafter.token_bytes(i) if i < n_tok else b"" for i in range(V)]
+    lens = torch.tensor([len(b) for b in tok_bytes], dtype=torch.long)
+    tab = torch.full((V, max(int(lens.max()), 1)), -1, dtype=torch.long)
+    for i, b in enumerate(tok_bytes):
+        if b:
+            tab[i, : len(b)] = torch.tensor(list(b), dtype=torch.long)
+    table = (tok_bytes, lens, tab)
+    try:
+        drafter._mb_vocab_table = table
+    except AttributeError:  # a drafter object that takes no new attributes: rebuilt per runner
+        pass
+    return table
 
 
 def is_subword_drafter(d) -> bool:
