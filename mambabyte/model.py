@@ -208,8 +208,8 @@ class MambaByteLM(nn.Module):
             prev = state.bytes_consumed if state is not None else 0
             sdt = torch.float64 if ssms[0].dtype == torch.float64 else torch.float32
             new_state = MambaState(torch.stack(convs).to(sdt), torch.stack(ssms).to(sdt), prev + L)
-            if L > 0:  # the next-byte logits go with the state (an empty prompt can continue from it)
-                new_state.logits = logits[:, -1].detach().float().clone()
+            # the next-byte logits go with the state (an empty prompt can continue from it)
+            new_state.logits = logits[:, -1].detach().float().clone()
         return MambaByteOutput(logits=logits, state=new_state, hidden_states=hidden if output_hidden_states else None)
 
     @torch.no_grad()

@@ -106,26 +106,26 @@ def _cmd_build(args) -> int:
     items = ([b""] if (start is not None and sep) else []) + srcs
     state, info = build_state(model, items, chunk_bytes=args.chunk_bytes, separator=sep, return_info=True,
                               progress=False if args.no_progress else None, state=start)
-    new_text = (sep if (start is not None and sep) else b"") + sep.join(s.read_bytes() for s in srcs) \
-        if args.store_text else None
     meta = {"text_sha256": info["text_sha256"], "source": [str(s.resolve()) for s in srcs],
             "description": args.description, "tags": args.tags or []}
     if sep:
         meta["separator"] = sep.decode("utf-8", errors="surrogateescape")
+    # the text is stored only whole: a continued state whose parent did not store its text keeps the
+    # sha256 of each part instead
+    whole = parent is None or parent.get("text") is not None
     if parent is not None:
-        from ..statelib import meta_text_bytes
-
         meta["parent"] = str(resolve_state_path(args.from_state))
         meta["source"] = list(parent.get("source") or []) + meta["source"]
-        if args.store_text and parent.get("text") is not None:
-            new_text = meta_text_bytes(parent) + new_text  # the whole text: its sha256 is recomputed
-        else:  # the whole text is not at hand: keep the sha256 of each part
-            meta["text_sha256"] = None
-            meta["parent_text_sha256"] = parent.get("text_sha256")
-            meta["extension_text_sha256"] = info["text_sha256"]
-            new_text = None
-    if new_text is not None:
-        meta["text"] = new_text
+        if not (args.store_text and whole):
+            meta.update(text_sha256=None, parent_text_sha256=parent.get("text_sha256"),
+                        extension_text_sha256=info["text_sha256"])
+    if args.store_text and whole:
+        from ..statelib import meta_text_bytes
+
+        text = sep.join(s.read_bytes() for s in srcs)
+        if parent is not None:  # save_state hashes the whole text again
+            text = meta_text_bytes(parent) + sep + text
+        meta["text"] = text
     meta = {k: v for k, v in meta.items() if v is not None}
     p = save_state(target, state, meta, model=model, logits=info["logits"])
     print(f"built state from {len(srcs)} file(s), {info['bytes']} bytes -> {p}")

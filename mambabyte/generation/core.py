@@ -263,9 +263,7 @@ def generate(
     prompts, _ = normalize_prompts(prompt)
     n_p = len(prompts)
     dev = model.device
-    per_sequence = (isinstance(state, MambaState) and num_samples > 1 and state.batch_size == n_p * num_samples
-                    and n_p * num_samples > 1)
-    if per_sequence:
+    if isinstance(state, MambaState) and num_samples > 1 and state.batch_size == n_p * num_samples:
         # one state row per sequence (e.g. saved from an earlier multi-sample run): each sample goes on
         # from its own row, so the prompt is prefilled once per row
         prompts_given = [p for p in prompts for _ in range(num_samples)]
