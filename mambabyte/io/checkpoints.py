@@ -406,13 +406,18 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(target, text: str) -> None:
+def _text_writer(text: str):
+    """write_fn for :func:`_stage` / :func:`_atomic_write_bytes` that writes ``text`` as UTF-8."""
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
+    return w
+
+
+def atomic_write_text(target, text: str) -> None:
     try:
-        _atomic_write_bytes(Path(target), w)
+        _atomic_write_bytes(Path(target), _text_writer(text))
     except OSError as exc:
         raise MambaByteError(f"could not write {str(target)!r}: {exc.strerror or exc}") from None
 
@@ -434,18 +439,13 @@ def save_pretrained(model, directory, dtype: Optional[torch.dtype] = None, extra
     cfg = {"model_type": "mambabyte", "format_version": FORMAT_VERSION, **model.config.to_dict()}
     meta = {"format": "pt", "mambabyte_format_version": str(FORMAT_VERSION)}
     text = json.dumps({**cfg, **({"mambabyte": extra_config} if extra_config else {})}, indent=2, sort_keys=True) + "\n"
-
-    def write_text(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
     # both files are written in full before either replaces its old version, so a failure while writing
     # (a full disk) leaves the folder as it was, never new weights beside an old config
     staged = []
     try:
         staged.append((_stage(directory / _OUR_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta)),
                        directory / _OUR_WEIGHTS))
-        staged.append((_stage(directory / "config.json", write_text), directory / "config.json"))
+        staged.append((_stage(directory / "config.json", _text_writer(text)), directory / "config.json"))
         for tmp, target in staged:
             os.replace(tmp, target)
     except OSError as exc:
