@@ -4,6 +4,7 @@
 #   2. decode / prefill: per-op step vs the fused block step (csrc/layer_step.cu), 353M and 972M shapes
 #   3. speculative decoding cost model at the paper's shapes with graph-replayed verification
 #   4. the scan against the ANCHORS shapes
+#   5. kernel-time profiles: prefill (972M), a training step (353M), decode steps per-op and fused (353M)
 # Usage (repository root, on a CUDA machine): bash benchmarks/gpu_session.sh [parts, default "1 2 3 4"]
 # A part that fails is reported and the next one still runs; the exit status says whether all passed.
 set -uo pipefail
@@ -13,7 +14,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export MAMBABYTE_CACHE_DIR=${MAMBABYTE_CACHE_DIR:-/tmp/mbc}
 export MAMBABYTE_CUDA_ARCH_LIST=${MAMBABYTE_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-parts=${1:-"1 2 3 4"}
+parts=${1:-"1 2 3 4 5"}
 status=0
 { date -u; git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null; nvidia-smi --query-gpu=name --format=csv,noheader; } > "$OUT/meta.txt"
 
@@ -35,6 +36,10 @@ for p in $parts; do
     3) run bench_speculative python3 benchmarks/bench_speculative.py --device cuda --shapes 353M 972M \
          --ks 4 8 16 --verify_cuda_graph --json "$OUT/speculative.json" ;;
     4) run bench_scan python3 benchmarks/bench_scan.py --quick --json "$OUT/scan.json" ;;
+    5) run profile_prefill python3 benchmarks/profile_model.py --what prefill --preset 972M
+       run profile_train python3 benchmarks/profile_model.py --what train --preset 353M --batch 4
+       run profile_decode python3 benchmarks/profile_model.py --what decode --preset 353M
+       run profile_decode_fused python3 benchmarks/profile_model.py --what decode --preset 353M --fused_block_step ;;
   esac
 done
 exit $status

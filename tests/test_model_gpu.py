@@ -66,8 +66,8 @@ def _steps(model, state, ids, fused, monkeypatch):
     from mambabyte.ops import cuda_backend
 
     monkeypatch.setattr(cuda_backend, "FUSED_BLOCK_STEP", fused)
-    assert (cuda_backend.fused_block_step_unsupported(model, state, ids.shape[0]) is None) == fused
     with torch.no_grad():
+        assert (cuda_backend.fused_block_step_unsupported(model, state, ids.shape[0]) is None) == fused
         return torch.stack([model.step(ids[:, t], state).float() for t in range(ids.shape[1])], 1)
 
 
@@ -137,7 +137,12 @@ def test_fused_block_step_falls_back_when_it_cannot_run(monkeypatch):
     with torch.no_grad():
         assert m.step(torch.tensor([65], device="cuda"), s).shape == (1, 256)  # the per-op path
     m2 = _random_model(MambaByteConfig(d_model=64, n_layer=1), torch.float32)
-    assert cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(1), 1) is None
+    s2 = m2.allocate_state(1)
+    assert cuda_backend.fused_block_step_unsupported(m2, s2, 1) == "gradients are enabled"
+    with torch.no_grad():
+        assert cuda_backend.fused_block_step_unsupported(m2, s2, 1) is None
+        m2.requires_grad_(False)
+    assert cuda_backend.fused_block_step_unsupported(m2, s2, 1) is None  # frozen weights: no autograd graph
     h = m2.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda *a: None)
     assert "hooks" in cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(1), 1)
     h.remove()
