@@ -5,6 +5,7 @@
 #   3. speculative decoding cost model at the paper's shapes with graph-replayed verification
 #   4. the scan against the ANCHORS shapes
 #   5. kernel-time profiles: prefill (972M), a training step (353M), decode steps per-op and fused (353M)
+#   6. training throughput at the 353M and 972M shapes (batch 4 x 8192, bf16 autocast)
 # Usage (repository root, on a CUDA machine): bash benchmarks/gpu_session.sh [parts, default "1 2 3 4"]
 # A part that fails is reported and the next one still runs; the exit status says whether all passed.
 set -uo pipefail
@@ -14,7 +15,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export MAMBABYTE_CACHE_DIR=${MAMBABYTE_CACHE_DIR:-/tmp/mbc}
 export MAMBABYTE_CUDA_ARCH_LIST=${MAMBABYTE_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-parts=${1:-"1 2 3 4 5"}
+parts=${1:-"1 2 3 4 5 6"}
 status=0
 { date -u; git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null; nvidia-smi --query-gpu=name --format=csv,noheader; } > "$OUT/meta.txt"
 
@@ -40,6 +41,7 @@ for p in $parts; do
        run profile_train python3 benchmarks/profile_model.py --what train --preset 353M --batch 4
        run profile_decode python3 benchmarks/profile_model.py --what decode --preset 353M
        run profile_decode_fused python3 benchmarks/profile_model.py --what decode --preset 353M --fused_block_step ;;
+    6) run bench_train python3 benchmarks/bench_train.py --steps 6 --warmup 2 --json "$OUT/train.json" ;;
   esac
 done
 exit $status

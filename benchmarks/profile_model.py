@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 model(ids[:, :-1], return_state=True)
     elif args.what == "train":
-        from mambabyte.training.trainer import _param_groups, compute_loss  # noqa: F401
+        from mambabyte.training.trainer import _param_groups
 
         model.train()
         opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=4e-4, fused=True)

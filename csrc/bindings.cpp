@@ -370,7 +370,7 @@ std::vector<Tensor> layer_step(const Tensor& hidden, const OptT& residual, bool 
                                const Tensor& conv_w, const OptT& conv_b, const Tensor& conv_state, const Tensor& x_w,
                                const Tensor& dt_w, const OptT& dt_b, const Tensor& A, const OptT& D,
                                const Tensor& ssm_state, const Tensor& out_w, const OptT& out_b,
-                               const Tensor& counters) {
+                               const Tensor& counters, bool pdl) {
   c10::cuda::CUDAGuard guard(hidden.device());
   const auto E = hidden.scalar_type();
   TORCH_CHECK(hidden.dim() == 2, "hidden must be (b, d_model)");
@@ -476,7 +476,7 @@ std::vector<Tensor> layer_step(const Tensor& hidden, const OptT& residual, bool 
   p.gpart = gpart.data_ptr<float>();
   p.counters = counters.data_ptr<int>();
   p.out = out.data_ptr();
-  mb::layer_step(p, dtype_code(hidden), c10::cuda::getCurrentCUDAStream().stream());
+  mb::layer_step(p, dtype_code(hidden), c10::cuda::getCurrentCUDAStream().stream(), pdl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, res_out};
 }

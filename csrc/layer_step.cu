@@ -13,6 +13,13 @@
 // E where the unfused path rounds them (in_proj, conv, x_proj and SSM outputs, the norm's input and
 // output), so both paths agree to accumulation order. Weights are read with 16-byte loads; the host
 // checks d_model % 8 == 0, d_inner % 16 == 0 and 16-byte aligned weights.
+//
+// Latency, not bandwidth, bounds a decode step at batch 1, so each kernel first issues the loads of
+// what does not depend on the previous kernel (its weights), then waits on it. With programmatic
+// dependent launch (Hopper, `pdl`), a kernel starts while its predecessor is still running: the
+// weight loads of the next kernel overlap the tail of the previous one, across the three kernels and
+// across blocks. Everything written by an earlier kernel is read after griddepcontrol.wait, through
+// L2 (__ldcg), never through the non-coherent read-only path.
 #include "common.cuh"
 #include "params.h"
 
@@ -20,8 +27,23 @@ namespace mambabyte {
 namespace {
 
 constexpr int kInThreads = 256;   // kernel 1: 8 warps x 4 in_proj rows (2 x rows + 2 z rows)
-constexpr int kSsmThreads = 128;  // kernel 2: one channel per thread, one batch row per blockIdx.y
+constexpr int kSsmThreads = 128;  // kernel 2: one (channel, state) per thread, one batch row per blockIdx.y
 constexpr int kOutWarps = 8;      // kernel 3: one out_proj row per warp
+constexpr int kOutUnroll = 8;     // kernel 3: 16-byte weight loads in flight per lane
+constexpr int kInPre = 2;         // kernel 1: in_proj weight vectors per row loaded before the wait
+
+// Programmatic dependent launch: let the next kernel in the stream start now / wait for the previous
+// one (its completion and its memory). No-ops below sm_90 and when launched without the attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 static_assert(kLsInChannels == 2 * (kInThreads / 32), "each warp owns two channels");
 
 template <typename E>
@@ -71,6 +93,41 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
   const int c0 = blockIdx.x * kLsInChannels;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+  // 0. before waiting on the previous kernel: this warp's first in_proj weight vectors, this thread's
+  //    x_proj row slice and conv taps (weights only: nothing an earlier kernel writes)
+  const E* in_w = static_cast<const E*>(p.in_w);
+  const E* wrow[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = c0 + warp + 8 * (j & 1);
+    wrow[j] = in_w + (long)((j < 2) ? c : di + c) * Dm;
+  }
+  uint4 wpre[kInPre][4];
+#pragma unroll
+  for (int it = 0; it < kInPre; ++it) {
+    const int k = (it * 32 + lane) * V;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (k < Dm) wpre[it][j] = __ldg(reinterpret_cast<const uint4*>(wrow[j] + k));
+  }
+  constexpr int kXv = kLsInChannels / V;
+  uint4 xwpre[kXv];
+  if (tid < J) {
+    const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const E*>(p.x_w) + (long)tid * di + c0);
+#pragma unroll
+    for (int v = 0; v < kXv; ++v) xwpre[v] = __ldg(xr + v);
+  }
+  float cw[4] = {0.f, 0.f, 0.f, 0.f}, cb = 0.f;
+  if (tid < nb * kLsInChannels) {
+    const int c = c0 + tid % kLsInChannels;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (k < p.d_conv) cw[k] = __ldg(p.conv_w + c * p.d_conv + k);
+    if (p.conv_b) cb = __ldg(p.conv_b + c);
+  }
+  pdl_launch_dependents();
+  pdl_wait();
+
   // 1. residual add (in RT); the norm reads the residual cast to E
   for (int bi = 0; bi < nb; ++bi) {
     const long row = (long)(b0 + bi) * Dm;
@@ -79,8 +136,8 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
     RT* ro = static_cast<RT*>(p.residual_out) + row;
     E* x = s_norm + bi * Dm;
     for (int k = tid; k < Dm; k += kInThreads) {
-      float v = to_float(h[k]);
-      if (r) v += to_float(r[k]);
+      float v = to_float(__ldcg(h + k));
+      if (r) v += to_float(__ldcg(r + k));
       const RT rv = from_float<RT>(v);
       if (blockIdx.x == 0) ro[k] = rv;
       x[k] = from_float<E>(to_float(rv));
@@ -115,23 +172,15 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
 
   // 3. in_proj: warp w computes x rows c0+w, c0+w+8 and the z rows (d_inner + the same channels)
   {
-    const E* in_w = static_cast<const E*>(p.in_w);
-    const E* wrow[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int c = c0 + warp + 8 * (j & 1);
-      wrow[j] = in_w + (long)((j < 2) ? c : di + c) * Dm;
-    }
     float acc[4][kLsMaxB];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int bi = 0; bi < kLsMaxB; ++bi) acc[j][bi] = 0.f;
-#pragma unroll 2
-    for (int k = lane * V; k < Dm; k += 32 * V) {
+    auto fma_vec = [&](const uint4 (&wv)[4], int k) {
       float wf[4][V];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) unpack16<E>(__ldg(reinterpret_cast<const uint4*>(wrow[j] + k)), wf[j]);
+      for (int j = 0; j < 4; ++j) unpack16<E>(wv[j], wf[j]);
 #pragma unroll
       for (int bi = 0; bi < kLsMaxB; ++bi) {
         if (bi < nb) {
@@ -143,6 +192,18 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
             for (int i = 0; i < V; ++i) acc[j][bi] = fmaf(wf[j][i], xf[i], acc[j][bi]);
         }
       }
+    };
+#pragma unroll
+    for (int it = 0; it < kInPre; ++it) {
+      const int k = (it * 32 + lane) * V;
+      if (k < Dm) fma_vec(wpre[it], k);
+    }
+#pragma unroll 2
+    for (int k = (kInPre * 32 + lane) * V; k < Dm; k += 32 * V) {
+      uint4 wv[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wv[j] = __ldg(reinterpret_cast<const uint4*>(wrow[j] + k));
+      fma_vec(wv, k);
     }
     const E* in_b = static_cast<const E*>(p.in_b);
 #pragma unroll
@@ -173,13 +234,13 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
     float win[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      if (k < W) win[k] = (k + 1 < W) ? st[k + 1] : xv;
-    float a = p.conv_b ? p.conv_b[c] : 0.f;
+      if (k < W) win[k] = (k + 1 < W) ? __ldcg(st + k + 1) : xv;
+    float a = cb;
 #pragma unroll
     for (int k = 0; k < 4; ++k)
       if (k < W) {
         st[k] = win[k];
-        a = fmaf(win[k], p.conv_w[c * W + k], a);
+        a = fmaf(win[k], cw[k], a);
       }
     a *= sigmoid_f(a);
     const E xe = from_float<E>(a);
@@ -196,9 +257,9 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
     const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const E*>(p.x_w) + (long)j * di + c0);
     float wf[kLsInChannels];
 #pragma unroll
-    for (int v = 0; v < kLsInChannels / V; ++v) {
+    for (int v = 0; v < kXv; ++v) {
       float f[V];
-      unpack16<E>(__ldg(xr + v), f);
+      unpack16<E>(j == tid ? xwpre[v] : __ldg(xr + v), f);
 #pragma unroll
       for (int i = 0; i < V; ++i) wf[v * V + i] = f[i];
     }
@@ -240,10 +301,12 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_kernel(const LayerStepP
   extern __shared__ float s_x[];  // this row's x_proj output (dt_low, B, C), rounded to E
   const int di = p.d_inner, R = p.dt_rank, N = p.d_state, J = R + 2 * N;
   const int bb = blockIdx.y, chunk = bb / kLsMaxB, bi = bb % kLsMaxB;
+  pdl_launch_dependents();
+  pdl_wait();
   const float* gp = p.gpart + (long)chunk * p.n_groups * kLsMaxB * J + bi * J;
   for (int j = threadIdx.x; j < J; j += kSsmThreads) {
     float s = 0.f;
-    for (int g = 0; g < p.n_groups; ++g) s += gp[(long)g * kLsMaxB * J + j];
+    for (int g = 0; g < p.n_groups; ++g) s += __ldcg(gp + (long)g * kLsMaxB * J + j);
     s_x[j] = round_e<E>(s);
   }
   __syncthreads();
@@ -264,47 +327,128 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_kernel(const LayerStepP
   }
   if (p.dt_b) dt += p.dt_b[c];
   dt = softplus_f(dt);
-  const float xv = to_float(static_cast<const E*>(p.xc)[bc]);
+  const float xv = to_float(__ldcg(static_cast<const E*>(p.xc) + bc));
   const float* A = p.A + (long)c * N;
   float* st = p.ssm_state + bc * N;
   const float dx = dt * xv;
   float y = 0.f;
   for (int n = 0; n < N; ++n) {
-    const float h = fmaf(__expf(dt * A[n]), st[n], dx * s_x[R + n]);
+    const float h = fmaf(__expf(dt * A[n]), __ldcg(st + n), dx * s_x[R + n]);
     st[n] = h;
     y = fmaf(h, s_x[R + N + n], y);
   }
   if (p.D) y = fmaf(xv, p.D[c], y);
-  const float zv = to_float(static_cast<const E*>(p.z)[bc]);
+  const float zv = to_float(__ldcg(static_cast<const E*>(p.z) + bc));
   y *= zv * sigmoid_f(zv);
   static_cast<E*>(p.y)[bc] = from_float<E>(y);
 }
 
-// grid (ceil(d_model / kOutWarps), ceil(batch / kLsMaxB)).
+// Kernel 2 when d_state is a power of two <= 32: P = d_state lanes per channel, one state each, so
+// the fp32 state is read and written coalesced and 128 / P channels share a block.
+// grid (ceil(d_inner / (128 / P)), batch); dynamic smem: (R + 2n) floats.
+template <typename E>
+__global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const LayerStepParams p) {
+  extern __shared__ float s_x[];
+  const int di = p.d_inner, R = p.dt_rank, N = p.d_state, J = R + 2 * N;
+  const int P = N, cpb = kSsmThreads / P;
+  const int bb = blockIdx.y, chunk = bb / kLsMaxB, bi = bb % kLsMaxB;
+  const int n = threadIdx.x % P;
+  const int c = blockIdx.x * cpb + threadIdx.x / P;
+  const bool live = c < di;  // whole P-lane groups are live or not; all lanes join the shuffles
+  // constants first (nothing an earlier kernel writes): A, biases, this lane's dt_proj weights
+  float a = 0.f, dtb = 0.f, dd = 0.f;
+  if (live) {
+    a = __ldg(p.A + (long)c * N + n);
+    if (p.dt_b) dtb = __ldg(p.dt_b + c);
+    if (p.D) dd = __ldg(p.D + c);
+  }
+  pdl_launch_dependents();
+  pdl_wait();
+  const float* gp = p.gpart + (long)chunk * p.n_groups * kLsMaxB * J + bi * J;
+  for (int j = threadIdx.x; j < J; j += kSsmThreads) {
+    float s = 0.f;
+    for (int g = 0; g < p.n_groups; ++g) s += __ldcg(gp + (long)g * kLsMaxB * J + j);
+    s_x[j] = round_e<E>(s);
+  }
+  __syncthreads();
+  const long bc = (long)bb * di + c;
+  float dt = 0.f;
+  if (live) {
+    const E* wr = static_cast<const E*>(p.dt_w) + (long)c * R;
+    for (int r = n; r < R; r += P) dt = fmaf(to_float(__ldg(wr + r)), s_x[r], dt);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    if (off < P) dt += __shfl_xor_sync(kFullMask, dt, off, P);
+  float yp = 0.f, xv = 0.f;
+  if (live) {
+    dt = softplus_f(dt + dtb);
+    xv = to_float(__ldcg(static_cast<const E*>(p.xc) + bc));
+    float* st = p.ssm_state + bc * N + n;
+    const float h = fmaf(__expf(dt * a), __ldcg(st), (dt * xv) * s_x[R + n]);
+    *st = h;
+    yp = h * s_x[R + N + n];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    if (off < P) yp += __shfl_xor_sync(kFullMask, yp, off, P);
+  if (live && n == 0) {
+    float y = yp;
+    if (p.D) y = fmaf(xv, dd, y);
+    const float zv = to_float(__ldcg(static_cast<const E*>(p.z) + bc));
+    y *= zv * sigmoid_f(zv);
+    static_cast<E*>(p.y)[bc] = from_float<E>(y);
+  }
+}
+
+// grid (ceil(d_model / kOutWarps), ceil(batch / kLsMaxB)). The first kOutUnroll weight vectors of
+// each lane are loaded before waiting on kernel 2 (the whole row when d_inner <= 32 * V * kOutUnroll).
 template <typename E>
 __global__ void __launch_bounds__(kOutWarps * 32) layer_out_kernel(const LayerStepParams p) {
   constexpr int V = 16 / sizeof(E);
+  constexpr int kSpan = 32 * V * kOutUnroll;
   const int Dm = p.d_model, di = p.d_inner;
   const int lane = threadIdx.x & 31;
   const int d = blockIdx.x * kOutWarps + (threadIdx.x >> 5);
   const int b0 = blockIdx.y * kLsMaxB, nb = min(kLsMaxB, p.batch - b0);
-  if (d >= Dm) return;  // whole warps
-  const E* wr = static_cast<const E*>(p.out_w) + (long)d * di;
+  const bool live = d < Dm;
+  const E* wr = static_cast<const E*>(p.out_w) + (long)(live ? d : 0) * di;
+  uint4 wv[kOutUnroll];
+#pragma unroll
+  for (int u = 0; u < kOutUnroll; ++u) {
+    const int k = (u * 32 + lane) * V;
+    if (live && k < di) wv[u] = __ldg(reinterpret_cast<const uint4*>(wr + k));
+  }
+  pdl_launch_dependents();
+  pdl_wait();
+  if (!live) return;  // whole warps
   const E* yb = static_cast<const E*>(p.y) + (long)b0 * di;
   float acc[kLsMaxB];
 #pragma unroll
   for (int bi = 0; bi < kLsMaxB; ++bi) acc[bi] = 0.f;
-#pragma unroll 2
-  for (int k = lane * V; k < di; k += 32 * V) {
-    float wf[V];
-    unpack16<E>(__ldg(reinterpret_cast<const uint4*>(wr + k)), wf);
+  for (int k0 = 0; k0 < di; k0 += kSpan) {
+    if (k0 > 0) {
 #pragma unroll
-    for (int bi = 0; bi < kLsMaxB; ++bi) {
-      if (bi < nb) {
-        float yf[V];
-        unpack16<E>(__ldg(reinterpret_cast<const uint4*>(yb + (long)bi * di + k)), yf);
+      for (int u = 0; u < kOutUnroll; ++u) {
+        const int k = k0 + (u * 32 + lane) * V;
+        if (k < di) wv[u] = __ldg(reinterpret_cast<const uint4*>(wr + k));
+      }
+    }
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[bi] = fmaf(wf[i], yf[i], acc[bi]);
+    for (int u = 0; u < kOutUnroll; ++u) {
+      const int k = k0 + (u * 32 + lane) * V;
+      if (k < di) {
+        float wf[V];
+        unpack16<E>(wv[u], wf);
+#pragma unroll
+        for (int bi = 0; bi < kLsMaxB; ++bi) {
+          if (bi < nb) {
+            float yf[V];
+            unpack16<E>(__ldcg(reinterpret_cast<const uint4*>(yb + (long)bi * di + k)), yf);
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[bi] = fmaf(wf[i], yf[i], acc[bi]);
+          }
+        }
       }
     }
   }
@@ -323,16 +467,42 @@ __global__ void __launch_bounds__(kOutWarps * 32) layer_out_kernel(const LayerSt
 
 int elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 
+// Launch with programmatic stream serialisation when pdl: the kernel may start before the previous
+// kernel in the stream has finished (it waits with griddepcontrol.wait before reading its outputs).
+template <typename... Args>
+void launch_pdl(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
+                const LayerStepParams& p) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
 template <typename E, typename RT>
-void launch(LayerStepParams& p, int smem1, cudaStream_t s) {
+void launch(LayerStepParams& p, int smem1, cudaStream_t s, bool pdl) {
   const int chunks = (p.batch + kLsMaxB - 1) / kLsMaxB;
   const int J = p.dt_rank + 2 * p.d_state;
   if (smem1 > 48 * 1024)
     cudaFuncSetAttribute(layer_in_kernel<E, RT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem1);
-  layer_in_kernel<E, RT><<<dim3(p.n_in_blocks, chunks), kInThreads, smem1, s>>>(p);
-  layer_ssm_kernel<E><<<dim3((p.d_inner + kSsmThreads - 1) / kSsmThreads, p.batch), kSsmThreads,
-                        J * sizeof(float), s>>>(p);
-  layer_out_kernel<E><<<dim3((p.d_model + kOutWarps - 1) / kOutWarps, chunks), kOutWarps * 32, 0, s>>>(p);
+  launch_pdl(layer_in_kernel<E, RT>, dim3(p.n_in_blocks, chunks), dim3(kInThreads), smem1, s, pdl, p);
+  const int N = p.d_state;
+  if (N <= 32 && (N & (N - 1)) == 0) {
+    const int cpb = kSsmThreads / N;
+    launch_pdl(layer_ssm_lanes_kernel<E>, dim3((p.d_inner + cpb - 1) / cpb, p.batch), dim3(kSsmThreads),
+               J * sizeof(float), s, pdl, p);
+  } else {
+    launch_pdl(layer_ssm_kernel<E>, dim3((p.d_inner + kSsmThreads - 1) / kSsmThreads, p.batch),
+               dim3(kSsmThreads), J * sizeof(float), s, pdl, p);
+  }
+  launch_pdl(layer_out_kernel<E>, dim3((p.d_model + kOutWarps - 1) / kOutWarps, chunks), dim3(kOutWarps * 32), 0,
+             s, pdl, p);
 }
 
 }  // namespace
@@ -346,16 +516,16 @@ int layer_step_smem(const LayerStepParams& p, int dtype) {
   return need + 2048 <= limit ? (int)need : -1;
 }
 
-void layer_step(LayerStepParams& p, int dtype, cudaStream_t s) {
+void layer_step(LayerStepParams& p, int dtype, cudaStream_t s, bool pdl) {
   const int smem1 = layer_step_smem(p, dtype);
   if (dtype == kF32) {
-    launch<float, float>(p, smem1, s);
+    launch<float, float>(p, smem1, s, pdl);
   } else if (dtype == kF16) {
-    if (p.residual_f32) launch<__half, float>(p, smem1, s);
-    else launch<__half, __half>(p, smem1, s);
+    if (p.residual_f32) launch<__half, float>(p, smem1, s, pdl);
+    else launch<__half, __half>(p, smem1, s, pdl);
   } else {
-    if (p.residual_f32) launch<__nv_bfloat16, float>(p, smem1, s);
-    else launch<__nv_bfloat16, __nv_bfloat16>(p, smem1, s);
+    if (p.residual_f32) launch<__nv_bfloat16, float>(p, smem1, s, pdl);
+    else launch<__nv_bfloat16, __nv_bfloat16>(p, smem1, s, pdl);
   }
 }
 

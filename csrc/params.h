@@ -161,7 +161,8 @@ void ssm_step(StepParams& p, int dtype, cudaStream_t s);
 void conv_step(ConvStepParams& p, int x_dtype, int state_dtype, cudaStream_t s);
 // Returns the dynamic shared memory kernel 1 needs, or -1 if it exceeds the device's limit.
 int layer_step_smem(const LayerStepParams& p, int dtype);
-void layer_step(LayerStepParams& p, int dtype, cudaStream_t s);
+// pdl: launch with programmatic dependent launch (sm_90+; the kernels wait on their predecessor).
+void layer_step(LayerStepParams& p, int dtype, cudaStream_t s, bool pdl);
 
 constexpr int kScanItems = 8;                  // time steps per thread
 constexpr int kScanChunk = 32 * kScanItems;    // time steps per warp per chunk

@@ -18,7 +18,7 @@ def _round(t, dtype):
 
 
 def emulated_layer_step(hidden, residual, residual_f32, norm_w, norm_b, eps, rms, in_w, in_b, conv_w, conv_b,
-                        conv_state, x_w, dt_w, dt_b, A, D, ssm_state, out_w, out_b, counters):
+                        conv_state, x_w, dt_w, dt_b, A, D, ssm_state, out_w, out_b, counters, pdl=False):
     E = hidden.dtype
     RT = torch.float32 if (residual_f32 or E == torch.float32) else E
     di, R, n = in_w.shape[0] // 2, dt_w.shape[1], A.shape[1]

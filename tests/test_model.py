@@ -242,3 +242,45 @@ def test_forward_equals_an_independent_mamba_ssm_transcription(norm):
         ours = m(ids).logits
         ref = _mamba_ssm_slow_path(sd, cfg, ids)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_channel_first_forward_equals_the_module_path(bias):
+    """The (b, d, L) GEMM layout (no transposes, Δ bias in the scan, SiLU in the conv) computes the same
+    block as the module-by-module path: outputs, states and every gradient, in fp64, from a state."""
+    torch.manual_seed(0)
+    m = MambaByteLM(MambaByteConfig(d_model=64, n_layer=2, bias=bias)).double()
+    x = torch.randint(0, 256, (3, 37))
+    with torch.no_grad():
+        start = m(x[:, :10], return_state=True).state
+    runs = []
+    for channel_first in (True, False):
+        for layer in m.backbone.layers:
+            layer.mixer.channel_first = channel_first
+        m.zero_grad()
+        out = m(x[:, 10:], state=start, return_state=True)
+        (out.logits.square().mean() + out.state.ssm.sum() + out.state.conv.sum()).backward()
+        runs.append((out.logits.detach(), out.state, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (la, sa, ga), (lb, sb, gb) = runs
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sa.ssm, sb.ssm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sa.conv, sb.conv, rtol=1e-12, atol=1e-12)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_hooks_on_the_projections_take_the_module_path():
+    m = MambaByteLM(MambaByteConfig(d_model=32, n_layer=1)).eval()
+    mixer = m.backbone.layers[0].mixer
+    assert mixer.channel_first and not mixer._hooked()
+    seen = []
+    h = mixer.dt_proj.register_forward_hook(lambda mod, i, o: seen.append(o))
+    try:
+        assert mixer._hooked()
+        with torch.no_grad():
+            hooked = m(torch.tensor([[1, 2, 3, 4]])).logits
+        assert len(seen) == 1 and seen[0].shape == (1, 4, mixer.d_inner)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(m(torch.tensor([[1, 2, 3, 4]])).logits, hooked, rtol=1e-5, atol=1e-6)

@@ -175,7 +175,8 @@ def test_layer_step_kernel_matches_its_pytorch_transcription(dtype, batch):
     st.conv.normal_(generator=g)
     st.ssm.normal_(generator=g)
     outs = []
-    for fn in (cuda_backend._ext().layer_step, emulated_layer_step):
+    ext = cuda_backend._ext().layer_step
+    for fn in (lambda *a: ext(*a, False), lambda *a: ext(*a, True), emulated_layer_step):  # PDL off / on
         s = st.clone()
         counters = torch.zeros(64, dtype=torch.int32, device="cuda")
         with torch.no_grad():
@@ -184,9 +185,62 @@ def test_layer_step_kernel_matches_its_pytorch_transcription(dtype, batch):
                           mx.dt_proj.weight, dt_b, A, D, s.ssm[0], mx.out_proj.weight, mx.out_proj.bias, counters)
         assert int(counters.abs().sum()) == 0  # the kernel leaves its counters zero
         outs.append((out.float(), res.float(), s))
-    (o1, r1, s1), (o2, r2, s2) = outs
+    (o0, r0, s0), (o1, r1, s1), (o2, r2, s2) = outs
+    assert torch.equal(o0, o1) and torch.equal(s0.ssm, s1.ssm) and torch.equal(s0.conv, s1.conv)
     torch.testing.assert_close(r1, r2, rtol=0, atol=0)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(o1, o2, **tol)
     torch.testing.assert_close(s1.ssm, s2.ssm, **tol)
     torch.testing.assert_close(s1.conv, s2.conv, **tol)
+
+
+@pytest.mark.parametrize("d_state", [12, 16, 64])
+def test_fused_block_step_for_other_state_sizes_and_without_pdl(monkeypatch, d_state):
+    """d_state 16: one lane per state; 12 and 64 take the one-thread-per-channel kernel. Programmatic
+    dependent launch on or off gives the same bits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.ops import cuda_backend
+
+    m = _random_model(MambaByteConfig(d_model=128, n_layer=2, d_state=d_state), torch.float32)
+    ids = torch.randint(0, 256, (2, 20), device="cuda")
+    with torch.no_grad():
+        start = m(ids[:, :8], return_state=True).state
+    ref = _steps(m, start.clone(), ids[:, 8:], False, monkeypatch)
+    runs = []
+    for pdl in (True, False):
+        monkeypatch.setattr(cuda_backend, "PDL", pdl)
+        s = start.clone()
+        runs.append((_steps(m, s, ids[:, 8:], True, monkeypatch), s))
+    (a, sa), (b, sb) = runs
+    assert torch.equal(a, b) and torch.equal(sa.ssm, sb.ssm) and torch.equal(sa.conv, sb.conv)
+    torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_channel_first_forward_matches_the_module_path_on_the_kernels(autocast):
+    """The transpose-free (b, d, L) forward against the module path, both on the CUDA kernels: logits,
+    states and gradients (fp32, or under bf16 autocast as in training), batch 3, from a state."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    m = MambaByteLM(MambaByteConfig(d_model=128, n_layer=2, bias=True)).cuda()
+    x = torch.randint(0, 256, (3, 200), device="cuda")
+    with torch.no_grad():
+        start = m(x[:, :77], return_state=True).state
+    runs = []
+    for channel_first in (True, False):
+        for layer in m.backbone.layers:
+            layer.mixer.channel_first = channel_first
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = m(x[:, 77:], state=start, return_state=True)
+        (out.logits.float().square().mean() + out.state.ssm.sum()).backward()
+        runs.append((out.logits.float().detach(), out.state, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (la, sa, ga), (lb, sb, gb) = runs
+    tol = dict(rtol=5e-2, atol=5e-2) if autocast else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(la, lb, **tol)
+    torch.testing.assert_close(sa.ssm, sb.ssm, **tol)
+    for name in ga:
+        scale = gb[name].abs().max().clamp(min=1e-6)
+        assert ((ga[name] - gb[name]).abs().max() / scale).item() < (5e-2 if autocast else 1e-3), name

@@ -73,8 +73,10 @@ def test_two_process_gloo_matches_single_process(tmp_path, single, mode):
     if mode == "ddp-tbptt":
         s1 = torch.load(single / "checkpoints" / "step_000004.pt", weights_only=True)["data"]["tbptt_states"]
         s2 = torch.load(out / "checkpoints" / "step_000004.pt", weights_only=True)["data"]["tbptt_states"]
-        torch.testing.assert_close(s2["ssm"], s1["ssm"], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(s2["conv"], s1["conv"], rtol=1e-4, atol=1e-6)
+        # fp32 after 4 AdamW steps whose gradients were summed in another order (2 ranks x 2 micro-batches
+        # vs 4 rows at once): Adam's normalisation lifts ~1e-9 gradient noise to ~1e-6 in the weights
+        torch.testing.assert_close(s2["ssm"], s1["ssm"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s2["conv"], s1["conv"], rtol=1e-4, atol=1e-5)
     if mode != "fsdp":
         assert "all ranks identical" in log  # check_sync compared every rank's parameter fingerprint
     a, b = _rows(single, "loss"), _rows(out, "loss")

@@ -116,6 +116,8 @@ class MambaMixer(nn.Module):
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        # forward in the kernels' (b, d, L) layout (see _forward_channel_first); False = the module path
+        self.channel_first = True
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -128,6 +130,8 @@ class MambaMixer(nn.Module):
 
         The states passed in are not modified; new tensors are returned.
         """
+        if self.channel_first and not self._hooked():
+            return self._forward_channel_first(hidden_states, conv_state, ssm_state)
         b, L, _ = hidden_states.shape
         xz = self.in_proj(hidden_states)  # (b, L, 2di)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, di, L) each
@@ -151,6 +155,73 @@ class MambaMixer(nn.Module):
             return_final_state=True,
         )
         out = self.out_proj(y.transpose(1, 2))
+        return out, new_conv, new_ssm
+
+    def _hooked(self) -> bool:
+        """Whether a forward (pre-)hook would see the projections' outputs (then run them as modules)."""
+        from torch.nn.modules import module as _m
+
+        if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+            return True
+        return any(
+            m._forward_hooks or m._forward_pre_hooks
+            for m in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj, self.out_proj)
+        )
+
+    def _forward_channel_first(
+        self, hidden_states: Tensor, conv_state: Optional[Tensor], ssm_state: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The same block computed in the (b, channels, L) layout the conv and scan kernels read.
+
+        Each projection is one batched GEMM whose output is already in the layout its consumer
+        needs, so no (b, L, d) <-> (b, d, L) transposes are materialised: x and z come out of two
+        GEMMs as (b, di, L), Δ = dt_proj.weight @ dt_low as (b, di, L) with its bias added inside the
+        scan, SiLU is fused into the conv, and out_proj reads y transposed. Used when no hook watches
+        the projections (hooks get the module path, whose outputs they are documented to see).
+        """
+        b, L, _ = hidden_states.shape
+        di, r, n = self.d_inner, self.dt_rank, self.d_state
+        dev = hidden_states.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+        def w(t: Optional[Tensor]) -> Optional[Tensor]:
+            # cast before expanding: autocast would otherwise copy the expanded (b, ...) view
+            return t if (t is None or cast is None or t.dtype == cast) else t.to(cast)
+
+        h_t = hidden_states.transpose(1, 2)  # (b, D, L) view
+        if cast is not None:
+            h_t = h_t.to(cast)
+        w_in = w(self.in_proj.weight)
+        x = torch.bmm(w_in[:di].expand(b, -1, -1), h_t)  # (b, di, L), contiguous
+        z = torch.bmm(w_in[di:].expand(b, -1, -1), h_t)
+        if self.in_proj.bias is not None:
+            bi = w(self.in_proj.bias)
+            x = x + bi[:di, None]
+            z = z + bi[di:, None]
+        x, new_conv = ops.causal_conv1d(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state=conv_state, activation="silu",
+            return_final_state=True,
+        )
+        x_dbl = torch.bmm(w(self.x_proj.weight).expand(b, -1, -1), x)  # (b, r + 2n, L)
+        dt = torch.bmm(w(self.dt_proj.weight).expand(b, -1, -1), x_dbl[:, :r])  # (b, di, L), no bias
+        A = -torch.exp(self.A_log.float())
+        dt_bias = self.dt_proj.bias
+        y, new_ssm = ops.selective_scan(
+            x,
+            dt,
+            A,
+            x_dbl[:, r : r + n],
+            x_dbl[:, r + n :],
+            D=self.D.float(),
+            z=z,
+            delta_bias=dt_bias if dt_bias.dtype == torch.float64 else dt_bias.float(),
+            delta_softplus=True,
+            initial_state=ssm_state,
+            return_final_state=True,
+        )
+        out = torch.bmm(y.transpose(1, 2), w(self.out_proj.weight).t().expand(b, -1, -1))  # (b, L, D)
+        if self.out_proj.bias is not None:
+            out = out + w(self.out_proj.bias)
         return out, new_conv, new_ssm
 
     def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:

@@ -462,6 +462,13 @@ def mamba_decode_step_cuda(
 # Off unless MAMBABYTE_FUSED_BLOCK_STEP=1: the kernels are new and wait for their GPU parity run
 # (tests/test_model_gpu.py::test_fused_block_step_*) before they become the default.
 FUSED_BLOCK_STEP = os.environ.get("MAMBABYTE_FUSED_BLOCK_STEP", "0") == "1"
+# Programmatic dependent launch between the fused step's kernels (Hopper and newer): each kernel loads
+# its weights while the previous one finishes. MAMBABYTE_PDL=0 turns it off (older GPUs ignore it).
+PDL = os.environ.get("MAMBABYTE_PDL", "1") != "0"
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    return PDL and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -539,6 +546,7 @@ def fused_blocks_step(model, hidden: torch.Tensor, state) -> Tuple[torch.Tensor,
     chunks = -(-b // 8)
     counters = torch.zeros(chunks * groups, dtype=torch.int32, device=hidden.device)
     ext = _EXT
+    pdl = _pdl_ok(hidden.device)
     residual = None
     hidden = hidden.contiguous()
     for i, layer in enumerate(model.backbone.layers):
@@ -548,6 +556,6 @@ def fused_blocks_step(model, hidden: torch.Tensor, state) -> Tuple[torch.Tensor,
             hidden, residual, bool(cfg.residual_in_fp32), layer.norm.weight, getattr(layer.norm, "bias", None),
             float(layer.norm.eps), cfg.norm == "rmsnorm", mx.in_proj.weight, mx.in_proj.bias, conv_w, conv_b,
             state.conv[i], mx.x_proj.weight, mx.dt_proj.weight, dt_b, A, D, state.ssm[i], mx.out_proj.weight,
-            mx.out_proj.bias, counters,
+            mx.out_proj.bias, counters, pdl,
         )
     return hidden, residual
