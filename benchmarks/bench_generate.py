@@ -149,15 +149,17 @@ def bench_gpu(args):
         from mambabyte.ops import cuda_backend
 
         modes = {"both": [False, True], "on": [True], "off": [False]}[args.fused_block_step]
+        saved = cuda_backend.FUSED_BLOCK_STEP, cuda_backend.FUSED_MAX_BATCH
         for batch in args.batch_sizes:
             t0 = time.perf_counter()
             for fused in modes:
                 # the per-op decode step, and the fused three-launch block step (csrc/layer_step.cu)
-                cuda_backend.FUSED_BLOCK_STEP = fused
+                # at every batch size (the library's default takes it up to FUSED_MAX_BATCH only)
+                cuda_backend.FUSED_BLOCK_STEP, cuda_backend.FUSED_MAX_BATCH = fused, 1 << 30
                 tag = "_fused" if fused else ""
                 row[f"decode_b{batch}_graph{tag}"] = decode_rate(m, batch, args.decode_bytes, graph=True)
                 row[f"step_only_b{batch}_graph{tag}"] = step_only_rate(m, batch, args.decode_bytes, graph=True)
-            cuda_backend.FUSED_BLOCK_STEP = False
+            cuda_backend.FUSED_BLOCK_STEP, cuda_backend.FUSED_MAX_BATCH = saved
             if batch == 1 and not args.skip_eager:
                 row["decode_b1_eager"] = decode_rate(m, 1, max(32, args.decode_bytes // 8), graph=False)
             row[f"decode_b{batch}_s"] = time.perf_counter() - t0

@@ -33,7 +33,7 @@ for p in $parts; do
     1) run build python3 -c "from mambabyte.ops import cuda_backend as c; print(c.status())"
        run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     2) run bench_generate python3 benchmarks/bench_generate.py --skip_cpu --skip_eager --decode_bytes 256 \
-         --fused_block_step both --json "$OUT/generate.json" ;;
+         --batch_sizes 1 2 4 8 --fused_block_step both --json "$OUT/generate.json" ;;
     3) run bench_speculative python3 benchmarks/bench_speculative.py --device cuda --shapes 353M 972M \
          --ks 4 8 16 --verify_cuda_graph --json "$OUT/speculative.json" ;;
     4) run bench_scan python3 benchmarks/bench_scan.py --quick --json "$OUT/scan.json" ;;

@@ -232,6 +232,7 @@ std::vector<Tensor> conv_fwd(const Tensor& x, const Tensor& weight, const OptT& 
                          : at::empty({0}, x.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.new_state = want_state ? ns.data_ptr<float>() : nullptr;
+  p.vec = aligned16(p.x) && aligned16(p.out) && (x.size(2) * x.element_size()) % 16 == 0;
   if (x.numel() > 0 || want_state) mb::conv_fwd(p, dtype_code(x), c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, ns};
@@ -256,6 +257,7 @@ std::vector<Tensor> conv_bwd(const Tensor& x, const Tensor& weight, const OptT& 
   p.dweight = dw.data_ptr<float>();
   p.dbias = bias.has_value() ? db.data_ptr<float>() : nullptr;
   p.dstate = state.has_value() ? ds.data_ptr<float>() : nullptr;
+  p.vec = aligned16(p.x) && aligned16(p.dout) && aligned16(p.dx) && (x.size(2) * x.element_size()) % 16 == 0;
   mb::conv_bwd(p, dtype_code(x), c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dw, db, ds};

@@ -20,6 +20,9 @@ __device__ __forceinline__ float conv_xp(const E* __restrict__ x, const float* _
   return st ? st[kW + j] : 0.f;
 }
 
+// Each thread loads its kConvItems inputs with 16-byte loads when the rows allow (p.vec); the kW - 1
+// inputs left of them (and, in the backward, right of them) come from the neighbouring lane by a
+// shuffle, so each input is read from memory once. Lanes at a warp's edge read their halo directly.
 template <typename E, int kW>
 __global__ void __launch_bounds__(kConvThreads) conv_fwd_kernel(const ConvParams p) {
   const int ch = blockIdx.y, bi = blockIdx.z;
@@ -32,26 +35,33 @@ __global__ void __launch_bounds__(kConvThreads) conv_fwd_kernel(const ConvParams
   for (int k = 0; k < kW; ++k) w[k] = p.weight[ch * kW + k];
   const float b = p.bias ? p.bias[ch] : 0.f;
   const int t0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvItems;
+  const int lane = threadIdx.x & 31;
   if (p.new_state && blockIdx.x == 0 && threadIdx.x < kW) {
     const int j = threadIdx.x;  // new_state[j] = cat(state, x)[L + j]
     const int xi = L + j - kW;
     p.new_state[bd * kW + j] = xi >= 0 ? to_float(x[xi]) : (st ? st[L + j] : 0.f);
   }
-  if (t0 >= L) return;
+  float xv[kConvItems];
+  load_run_f<E, kConvItems>(x, t0, L, p.vec, xv);  // zero past L; every lane joins the shuffles
   float xs[kConvItems + kW - 1];
 #pragma unroll
-  for (int e = 0; e < kConvItems + kW - 1; ++e) xs[e] = conv_xp<E, kW>(x, st, t0 - (kW - 1) + e, L);
-  E* out = static_cast<E*>(p.out) + bd * L;
+  for (int k = 0; k < kW - 1; ++k) {
+    const float up = __shfl_up_sync(kFullMask, xv[kConvItems - (kW - 1) + k], 1);
+    xs[k] = lane == 0 ? conv_xp<E, kW>(x, st, t0 - (kW - 1) + k, L) : up;
+  }
+#pragma unroll
+  for (int i = 0; i < kConvItems; ++i) xs[kW - 1 + i] = xv[i];
+  if (t0 >= L) return;
+  float o[kConvItems];
 #pragma unroll
   for (int i = 0; i < kConvItems; ++i) {
-    if (t0 + i < L) {
-      float a = b;
+    float a = b;
 #pragma unroll
-      for (int k = 0; k < kW; ++k) a = fmaf(w[k], xs[i + k], a);
-      if (p.silu) a = a * sigmoid_f(a);
-      out[t0 + i] = from_float<E>(a);
-    }
+    for (int k = 0; k < kW; ++k) a = fmaf(w[k], xs[i + k], a);
+    if (p.silu) a = a * sigmoid_f(a);
+    o[i] = a;
   }
+  store_run_f<E, kConvItems>(static_cast<E*>(p.out) + bd * L, t0, L, p.vec, o);
 }
 
 template <typename E, int kW>
@@ -70,26 +80,40 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(const ConvParams
   for (int k = 0; k < kW; ++k) w[k] = p.weight[ch * kW + k];
   const float b = p.bias ? p.bias[ch] : 0.f;
   const int t0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvItems;
+  const int lane = threadIdx.x & 31;
 
+  float xv[kConvItems], gv[kConvItems];
+  load_run_f<E, kConvItems>(x, t0, L, p.vec, xv);
+  load_run_f<E, kConvItems>(dout, t0, L, p.vec, gv);
   float xs[kX];
 #pragma unroll
-  for (int e = 0; e < kX; ++e) xs[e] = conv_xp<E, kW>(x, st, t0 - (kW - 1) + e, L);
+  for (int k = 0; k < kW - 1; ++k) {  // left halo from lane - 1, right halo from lane + 1
+    const float up = __shfl_up_sync(kFullMask, xv[kConvItems - (kW - 1) + k], 1);
+    const float dn = __shfl_down_sync(kFullMask, xv[k], 1);
+    xs[k] = lane == 0 ? conv_xp<E, kW>(x, st, t0 - (kW - 1) + k, L) : up;
+    xs[kW - 1 + kConvItems + k] = lane == 31 ? conv_xp<E, kW>(x, st, t0 + kConvItems + k, L) : dn;
+  }
+#pragma unroll
+  for (int i = 0; i < kConvItems; ++i) xs[kW - 1 + i] = xv[i];
   float dp[kP];
 #pragma unroll
   for (int e = 0; e < kP; ++e) {
-    const int t = t0 + e;
-    float g = 0.f;
-    if (t < L) {
-      g = to_float(dout[t]);
-      if (p.silu) {
-        float a = b;
-#pragma unroll
-        for (int k = 0; k < kW; ++k) a = fmaf(w[k], xs[e + k], a);
-        const float s = sigmoid_f(a);
-        g *= s * (1.f + a * (1.f - s));
-      }
+    float g;
+    if (e < kConvItems) {
+      g = gv[e];
+    } else {
+      const float dn = __shfl_down_sync(kFullMask, gv[e - kConvItems], 1);
+      const int t = t0 + e;
+      g = lane == 31 ? (t < L ? to_float(dout[t]) : 0.f) : dn;
     }
-    dp[e] = g;
+    if (p.silu) {
+      float a = b;
+#pragma unroll
+      for (int k = 0; k < kW; ++k) a = fmaf(w[k], xs[e + k], a);
+      const float s = sigmoid_f(a);
+      g *= s * (1.f + a * (1.f - s));
+    }
+    dp[e] = g;  // zero past L (dout is read as zero there)
   }
   float gw[kW], gb = 0.f;
 #pragma unroll
@@ -101,19 +125,18 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(const ConvParams
     for (int k = 0; k < kW; ++k) gw[k] = fmaf(dp[i], xs[i + k], gw[k]);
   }
   if (t0 < L) {
-    E* dx = static_cast<E*>(p.dx) + bd * L;
+    float g[kConvItems];
 #pragma unroll
     for (int i = 0; i < kConvItems; ++i) {
       const int t = t0 + i;
-      if (t < L) {
-        float g = 0.f;
+      float v = 0.f;
 #pragma unroll
-        for (int k = 0; k < kW; ++k) g = fmaf(w[k], dp[i + kW - 1 - k], g);
-        const int j = t - L + kW;  // x[t] is new_state[j] when 0 <= j < kW
-        if (dfin && j >= 0) g += dfin[j];
-        dx[t] = from_float<E>(g);
-      }
+      for (int k = 0; k < kW; ++k) v = fmaf(w[k], dp[i + kW - 1 - k], v);
+      const int j = t - L + kW;  // x[t] is new_state[j] when 0 <= j < kW
+      if (dfin && j >= 0 && t < L) v += dfin[j];
+      g[i] = v;
     }
+    store_run_f<E, kConvItems>(static_cast<E*>(p.dx) + bd * L, t0, L, p.vec, g);
   }
   if (p.dstate && blockIdx.x == 0 && threadIdx.x == 0) {
 #pragma unroll

@@ -401,11 +401,15 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const Laye
   }
 }
 
-// grid (ceil(d_model / kOutWarps), ceil(batch / kLsMaxB)). The first kOutUnroll weight vectors of
-// each lane are loaded before waiting on kernel 2 (the whole row when d_inner <= 32 * V * kOutUnroll).
+// grid (ceil(d_model / kOutWarps), ceil(batch / kLsMaxB)); dynamic smem: min(batch, 8) * d_inner * sizeof(E).
+// The first kOutUnroll weight vectors of each lane are loaded before waiting on kernel 2 (the whole row
+// when d_inner <= 32 * V * kOutUnroll); the block's y rows are staged once in shared memory for its
+// kOutWarps rows (read from L2 once per block, not once per row).
 template <typename E>
 __global__ void __launch_bounds__(kOutWarps * 32) layer_out_kernel(const LayerStepParams p) {
   constexpr int V = 16 / sizeof(E);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  E* s_y = reinterpret_cast<E*>(smem_raw);
   constexpr int kSpan = 32 * V * kOutUnroll;
   const int Dm = p.d_model, di = p.d_inner;
   const int lane = threadIdx.x & 31;
@@ -421,8 +425,15 @@ __global__ void __launch_bounds__(kOutWarps * 32) layer_out_kernel(const LayerSt
   }
   pdl_launch_dependents();
   pdl_wait();
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const E*>(p.y) + (long)b0 * di);
+    uint4* dst = reinterpret_cast<uint4*>(s_y);
+    const int nvec = nb * di / V;
+    for (int i = threadIdx.x; i < nvec; i += kOutWarps * 32) dst[i] = __ldcg(src + i);
+  }
+  __syncthreads();
   if (!live) return;  // whole warps
-  const E* yb = static_cast<const E*>(p.y) + (long)b0 * di;
+  const E* yb = s_y;
   float acc[kLsMaxB];
 #pragma unroll
   for (int bi = 0; bi < kLsMaxB; ++bi) acc[bi] = 0.f;
@@ -444,7 +455,7 @@ __global__ void __launch_bounds__(kOutWarps * 32) layer_out_kernel(const LayerSt
         for (int bi = 0; bi < kLsMaxB; ++bi) {
           if (bi < nb) {
             float yf[V];
-            unpack16<E>(__ldcg(reinterpret_cast<const uint4*>(yb + (long)bi * di + k)), yf);
+            unpack16<E>(*reinterpret_cast<const uint4*>(yb + bi * di + k), yf);
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[bi] = fmaf(wf[i], yf[i], acc[bi]);
           }
@@ -501,8 +512,11 @@ void launch(LayerStepParams& p, int smem1, cudaStream_t s, bool pdl) {
     launch_pdl(layer_ssm_kernel<E>, dim3((p.d_inner + kSsmThreads - 1) / kSsmThreads, p.batch),
                dim3(kSsmThreads), J * sizeof(float), s, pdl, p);
   }
-  launch_pdl(layer_out_kernel<E>, dim3((p.d_model + kOutWarps - 1) / kOutWarps, chunks), dim3(kOutWarps * 32), 0,
-             s, pdl, p);
+  const int smem3 = min(p.batch, kLsMaxB) * p.d_inner * (int)sizeof(E);
+  if (smem3 > 48 * 1024)
+    cudaFuncSetAttribute(layer_out_kernel<E>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem3);
+  launch_pdl(layer_out_kernel<E>, dim3((p.d_model + kOutWarps - 1) / kOutWarps, chunks), dim3(kOutWarps * 32),
+             smem3, s, pdl, p);
 }
 
 }  // namespace
@@ -510,10 +524,11 @@ void launch(LayerStepParams& p, int smem1, cudaStream_t s, bool pdl) {
 int layer_step_smem(const LayerStepParams& p, int dtype) {
   const int rows = p.batch < kLsMaxB ? p.batch : kLsMaxB;
   const long need = (long)rows * p.d_model * elem_size(dtype);
+  const long need3 = (long)rows * p.d_inner * elem_size(dtype);  // kernel 3's staged y rows
   int dev = 0, limit = 48 * 1024;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  // kernel 1's static shared memory (~1.4 KB) comes out of the same budget
-  return need + 2048 <= limit ? (int)need : -1;
+  // kernel 1's static shared memory (~1.7 KB) comes out of the same budget
+  return (need + 2048 <= limit && need3 <= limit) ? (int)need : -1;
 }
 
 void layer_step(LayerStepParams& p, int dtype, cudaStream_t s, bool pdl) {

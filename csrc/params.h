@@ -60,6 +60,7 @@ struct ScanParams {
 struct ConvParams {
   int batch = 0, dim = 0, seqlen = 0, width = 0;
   int silu = 0;
+  int vec = 0;  // x / out / dout / dx rows 16-byte aligned at every multiple of kConvItems elements
   const void* x = nullptr;
   const float* weight = nullptr;
   const float* bias = nullptr;

@@ -238,7 +238,7 @@ class MambaByteLM(nn.Module):
 
     def _fused_block_step_ok(self, state: MambaState, batch: int) -> bool:
         """Whether :meth:`step` runs each block as the three fused kernels of ``csrc/layer_step.cu``
-        (CUDA, opt-in with ``MAMBABYTE_FUSED_BLOCK_STEP=1``); the reason it does not is logged once."""
+        (CUDA, batches up to ``MAMBABYTE_FUSED_MAX_BATCH``); the reason it does not is logged once."""
         from . import ops
 
         if not ops.cuda_backend_status()[0]:

@@ -254,6 +254,11 @@ CONV_CASES = [
     (1, 5, 1025, 2, True, True, None),
     (1, 3, 17, 1, False, False, "silu"),
     (3, 4, 2049, 4, True, True, "silu"),
+    # 16-byte-aligned rows (the vectorised loads, halos shuffled across lanes and blocks)
+    (2, 8, 4096, 4, True, True, "silu"),
+    (1, 6, 2048, 3, True, True, None),
+    (2, 3, 8, 4, True, True, "silu"),
+    (1, 2, 1032, 2, False, True, "silu"),
 ]
 
 

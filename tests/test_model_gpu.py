@@ -51,7 +51,7 @@ def test_bf16_training_step_runs_on_kernels(pair):
 
 
 # -- the fused block step (csrc/layer_step.cu): add + norm + in_proj + conv + x_proj | dt_proj + state
-#    update + gate | out_proj, three launches per block; opt-in with MAMBABYTE_FUSED_BLOCK_STEP=1
+#    update + gate | out_proj, three launches per block; the default for batches up to FUSED_MAX_BATCH
 def _random_model(cfg, dtype, seed=0):
     torch.manual_seed(seed)
     m = MambaByteLM(cfg).eval()
@@ -66,6 +66,7 @@ def _steps(model, state, ids, fused, monkeypatch):
     from mambabyte.ops import cuda_backend
 
     monkeypatch.setattr(cuda_backend, "FUSED_BLOCK_STEP", fused)
+    monkeypatch.setattr(cuda_backend, "FUSED_MAX_BATCH", 64)  # the kernels at every batch size tested
     with torch.no_grad():
         assert (cuda_backend.fused_block_step_unsupported(model, state, ids.shape[0]) is None) == fused
         return torch.stack([model.step(ids[:, t], state).float() for t in range(ids.shape[1])], 1)
@@ -143,6 +144,8 @@ def test_fused_block_step_falls_back_when_it_cannot_run(monkeypatch):
         assert cuda_backend.fused_block_step_unsupported(m2, s2, 1) is None
         m2.requires_grad_(False)
     assert cuda_backend.fused_block_step_unsupported(m2, s2, 1) is None  # frozen weights: no autograd graph
+    monkeypatch.setattr(cuda_backend, "FUSED_MAX_BATCH", 4)
+    assert "MAMBABYTE_FUSED_MAX_BATCH" in cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(5), 5)
     h = m2.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda *a: None)
     assert "hooks" in cuda_backend.fused_block_step_unsupported(m2, m2.allocate_state(1), 1)
     h.remove()

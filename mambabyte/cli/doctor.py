@@ -36,9 +36,11 @@ def main(argv=None):
         from ..ops import cuda_backend
 
         ok = cuda_backend.FUSED_BLOCK_STEP and hasattr(cuda_backend._ext(), "layer_step")
+        pdl = "with" if cuda_backend._pdl_ok(torch.device("cuda")) else "without"
         print(f"  {'model.step (decode)':<24} "
-              + ("fused block step, 3 launches per block (MAMBABYTE_FUSED_BLOCK_STEP=1)" if ok else
-                 "per-op step (the fused block step is opt-in: MAMBABYTE_FUSED_BLOCK_STEP=1)"))
+              + (f"fused block step, 3 launches per block {pdl} programmatic dependent launch, batches of up"
+                 f" to {cuda_backend.FUSED_MAX_BATCH} (MAMBABYTE_FUSED_MAX_BATCH); larger batches per-op" if ok else
+                 "per-op step (MAMBABYTE_FUSED_BLOCK_STEP=0, or the extension predates layer_step)"))
     for mod in ("triton", "datasets", "huggingface_hub", "tokenizers"):
         try:
             m = __import__(mod)

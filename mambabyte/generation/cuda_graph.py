@@ -151,12 +151,12 @@ def _graph_key(model, batch_size: int) -> Tuple:
     """What a captured graph depends on: batch, device, dtype, weights' storage, and which step path
     (per-op or the fused block step) ``model.step`` takes, so toggling that path recaptures."""
     w = model.lm_head.weight
-    fused = False
+    path: Tuple = ()
     if w.is_cuda:
         from ..ops import cuda_backend
 
-        fused = bool(cuda_backend.FUSED_BLOCK_STEP)
-    return (batch_size, str(w.device), w.dtype, w.data_ptr(), fused)
+        path = (bool(cuda_backend.FUSED_BLOCK_STEP), cuda_backend.FUSED_MAX_BATCH, bool(cuda_backend.PDL))
+    return (batch_size, str(w.device), w.dtype, w.data_ptr()) + path
 
 
 def get_step_runner(model, batch_size: int, use_cuda_graph: bool = True):

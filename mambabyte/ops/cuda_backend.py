@@ -459,16 +459,18 @@ def mamba_decode_step_cuda(
 # Whole blocks at decode: add + norm + mixer step in three launches per block (csrc/layer_step.cu)
 # ----------------------------------------------------------------------------------------------
 
-# Off unless MAMBABYTE_FUSED_BLOCK_STEP=1: the kernels are new and wait for their GPU parity run
-# (tests/test_model_gpu.py::test_fused_block_step_*) before they become the default.
-FUSED_BLOCK_STEP = os.environ.get("MAMBABYTE_FUSED_BLOCK_STEP", "0") == "1"
+# The fused block step (csrc/layer_step.cu) decodes batches of up to FUSED_MAX_BATCH streams; larger
+# batches take the per-op step, whose cuBLAS GEMMs are faster there (docs/benchmarks.md).
+# MAMBABYTE_FUSED_BLOCK_STEP=0 turns it off; MAMBABYTE_FUSED_MAX_BATCH moves the crossover.
+FUSED_BLOCK_STEP = os.environ.get("MAMBABYTE_FUSED_BLOCK_STEP", "1") != "0"
+FUSED_MAX_BATCH = int(os.environ.get("MAMBABYTE_FUSED_MAX_BATCH", "4") or 4)
 # Programmatic dependent launch between the fused step's kernels (Hopper and newer): each kernel loads
 # its weights while the previous one finishes. MAMBABYTE_PDL=0 turns it off (older GPUs ignore it).
 PDL = os.environ.get("MAMBABYTE_PDL", "1") != "0"
 
 
 def _pdl_ok(device: torch.device) -> bool:
-    return PDL and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -482,7 +484,9 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
     """Why :func:`fused_blocks_step` cannot run ``model.step`` here (None when it can)."""
     if not FUSED_BLOCK_STEP:
-        return "MAMBABYTE_FUSED_BLOCK_STEP is not 1"
+        return "MAMBABYTE_FUSED_BLOCK_STEP=0"
+    if batch > FUSED_MAX_BATCH:
+        return f"batch {batch} > {FUSED_MAX_BATCH} (MAMBABYTE_FUSED_MAX_BATCH): the per-op step is faster there"
     ok, reason = status()
     if not ok:
         return reason
@@ -500,8 +504,8 @@ def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
         return "the state is not contiguous"
     props = torch.cuda.get_device_properties(model.device)
     limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
-    if min(batch, 8) * cfg.d_model * e.itemsize + 2048 > limit:
-        return "d_model too large for kernel 1's shared memory"
+    if min(batch, 8) * cfg.d_model * e.itemsize + 2048 > limit or min(batch, 8) * cfg.d_inner * e.itemsize > limit:
+        return "d_model too large for the kernels' shared memory"
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return "gradients are enabled"
     if _has_hooks(model.backbone.layers):
