@@ -483,6 +483,50 @@ std::vector<Tensor> layer_step(const Tensor& hidden, const OptT& residual, bool 
   return {out, res_out};
 }
 
+// Residual add + LayerNorm / RMSNorm (inference). hidden (rows, D) contiguous; residual (rows, D) in
+// fp32 (residual_f32) or hidden's dtype, or none; weight / bias (D,) in hidden's dtype.
+// Returns (normed in hidden's dtype, new residual).
+std::vector<Tensor> add_norm(const Tensor& hidden, const OptT& residual, bool residual_f32, const Tensor& weight,
+                             const OptT& bias, double eps, bool rms) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  CHECK_CUDA(hidden);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be contiguous (rows, d)");
+  const auto E = hidden.scalar_type();
+  const int64_t rows = hidden.size(0), D = hidden.size(1);
+  const bool res_f32 = (E == at::kFloat) || residual_f32;
+  const auto RT = res_f32 ? at::kFloat : E;
+  auto check_w = [&](const Tensor& t, const char* name) {
+    CHECK_CUDA(t);
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == E && t.dim() == 1 && t.size(0) == D, name,
+                " must be contiguous (d,) in hidden's dtype");
+  };
+  check_w(weight, "norm weight");
+  if (bias.has_value()) check_w(*bias, "norm bias");
+  if (residual.has_value()) {
+    CHECK_CUDA(*residual);
+    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == RT && residual->sizes() == hidden.sizes(),
+                "residual must be contiguous (rows, d) in ", RT);
+  }
+  TORCH_CHECK(D >= 1 && D * 4 <= 96 * 1024, "add_norm: d must be in [1, 24576]");
+  Tensor out = at::empty_like(hidden);
+  Tensor res_out = at::empty({rows, D}, hidden.options().dtype(RT));
+  mb::AddNormParams p;
+  p.rows = (int)rows;
+  p.dim = (int)D;
+  p.rms = rms ? 1 : 0;
+  p.residual_f32 = res_f32 ? 1 : 0;
+  p.eps = (float)eps;
+  p.hidden = hidden.data_ptr();
+  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  p.weight = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.residual_out = res_out.data_ptr();
+  p.out = out.data_ptr();
+  mb::add_norm(p, dtype_code(hidden), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, res_out};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MambaByte CUDA kernels: resumable selective scan, causal conv1d, decode steps";
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
@@ -491,5 +535,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d backward");
   m.def("ssm_step", &ssm_step, "one selective-scan step, in place");
   m.def("conv_step", &conv_step, "one causal-conv step, in place");
+  m.def("add_norm", &add_norm, "residual add + LayerNorm / RMSNorm (inference)");
   m.def("layer_step", &layer_step, "one Mamba block at decode: add + norm + mixer step, states in place");
 }

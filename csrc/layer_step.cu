@@ -127,6 +127,15 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
   }
   pdl_launch_dependents();
   pdl_wait();
+  // this thread's conv window (written by the previous step's kernel 1), loaded now, used in step 4
+  float win_old[4] = {0.f, 0.f, 0.f, 0.f};
+  if (tid < nb * kLsInChannels) {
+    const long bc = (long)(b0 + tid / kLsInChannels) * di + c0 + tid % kLsInChannels;
+    const float* st = p.conv_state + bc * p.d_conv;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (k + 1 < p.d_conv) win_old[k] = __ldcg(st + k + 1);
+  }
 
   // 1. residual add (in RT); the norm reads the residual cast to E
   for (int bi = 0; bi < nb; ++bi) {
@@ -234,7 +243,7 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
     float win[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      if (k < W) win[k] = (k + 1 < W) ? __ldcg(st + k + 1) : xv;
+      if (k < W) win[k] = (k + 1 < W) ? win_old[k] : xv;
     float a = cb;
 #pragma unroll
     for (int k = 0; k < 4; ++k)
@@ -356,14 +365,29 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const Laye
   const int c = blockIdx.x * cpb + threadIdx.x / P;
   const bool live = c < di;  // whole P-lane groups are live or not; all lanes join the shuffles
   // constants first (nothing an earlier kernel writes): A, biases, this lane's dt_proj weights
-  float a = 0.f, dtb = 0.f, dd = 0.f;
+  constexpr int kDtPre = 8;  // dt_proj weights per lane held in registers (R <= 8 P; more are read later)
+  float a = 0.f, dtb = 0.f, dd = 0.f, dtw[kDtPre];
+  const E* wr = static_cast<const E*>(p.dt_w) + (long)(live ? c : 0) * R;
   if (live) {
     a = __ldg(p.A + (long)c * N + n);
     if (p.dt_b) dtb = __ldg(p.dt_b + c);
     if (p.D) dd = __ldg(p.D + c);
   }
+#pragma unroll
+  for (int i = 0; i < kDtPre; ++i) {
+    const int r = n + i * P;
+    dtw[i] = (live && r < R) ? to_float(__ldg(wr + r)) : 0.f;
+  }
   pdl_launch_dependents();
   pdl_wait();
+  // what kernel 1 wrote for this (row, channel) and the state, loaded before the x_proj reduction
+  const long bc = (long)bb * di + c;
+  float xv = 0.f, zv = 0.f, h0 = 0.f;
+  if (live) {
+    xv = to_float(__ldcg(static_cast<const E*>(p.xc) + bc));
+    zv = to_float(__ldcg(static_cast<const E*>(p.z) + bc));
+    h0 = __ldcg(p.ssm_state + bc * N + n);
+  }
   const float* gp = p.gpart + (long)chunk * p.n_groups * kLsMaxB * J + bi * J;
   for (int j = threadIdx.x; j < J; j += kSsmThreads) {
     float s = 0.f;
@@ -371,22 +395,21 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const Laye
     s_x[j] = round_e<E>(s);
   }
   __syncthreads();
-  const long bc = (long)bb * di + c;
   float dt = 0.f;
   if (live) {
-    const E* wr = static_cast<const E*>(p.dt_w) + (long)c * R;
-    for (int r = n; r < R; r += P) dt = fmaf(to_float(__ldg(wr + r)), s_x[r], dt);
+#pragma unroll
+    for (int i = 0; i < kDtPre; ++i)
+      if (n + i * P < R) dt = fmaf(dtw[i], s_x[n + i * P], dt);
+    for (int r = n + kDtPre * P; r < R; r += P) dt = fmaf(to_float(__ldg(wr + r)), s_x[r], dt);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1)
     if (off < P) dt += __shfl_xor_sync(kFullMask, dt, off, P);
-  float yp = 0.f, xv = 0.f;
+  float yp = 0.f;
   if (live) {
     dt = softplus_f(dt + dtb);
-    xv = to_float(__ldcg(static_cast<const E*>(p.xc) + bc));
-    float* st = p.ssm_state + bc * N + n;
-    const float h = fmaf(__expf(dt * a), __ldcg(st), (dt * xv) * s_x[R + n]);
-    *st = h;
+    const float h = fmaf(__expf(dt * a), h0, (dt * xv) * s_x[R + n]);
+    p.ssm_state[bc * N + n] = h;
     yp = h * s_x[R + N + n];
   }
 #pragma unroll
@@ -395,7 +418,6 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const Laye
   if (live && n == 0) {
     float y = yp;
     if (p.D) y = fmaf(xv, dd, y);
-    const float zv = to_float(__ldcg(static_cast<const E*>(p.z) + bc));
     y *= zv * sigmoid_f(zv);
     static_cast<E*>(p.y)[bc] = from_float<E>(y);
   }

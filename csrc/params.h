@@ -145,6 +145,20 @@ struct LayerStepParams {
   void* out = nullptr;             // (b, D) E: this block's output
 };
 
+// Residual add + LayerNorm / RMSNorm over rows of `dim` values (add_norm.cu, inference only).
+// hidden / weight / bias / out: E; residual / residual_out: fp32 (residual_f32) or E.
+struct AddNormParams {
+  int rows = 0, dim = 0;
+  int rms = 0, residual_f32 = 1;
+  float eps = 1e-5f;
+  const void* hidden = nullptr;
+  const void* residual = nullptr;  // or null (first block)
+  const void* weight = nullptr;
+  const void* bias = nullptr;      // or null
+  void* residual_out = nullptr;
+  void* out = nullptr;
+};
+
 constexpr int kLsMaxB = 8;          // batch rows one kernel-1 / kernel-3 block handles (grid.y covers more)
 constexpr int kLsInChannels = 16;   // d_inner channels per kernel-1 block (32 in_proj rows)
 constexpr int kLsGroup = 16;        // kernel-1 blocks per x_proj pre-reduction group
@@ -164,6 +178,7 @@ void conv_step(ConvStepParams& p, int x_dtype, int state_dtype, cudaStream_t s);
 int layer_step_smem(const LayerStepParams& p, int dtype);
 // pdl: launch with programmatic dependent launch (sm_90+; the kernels wait on their predecessor).
 void layer_step(LayerStepParams& p, int dtype, cudaStream_t s, bool pdl);
+void add_norm(AddNormParams& p, int dtype, cudaStream_t s);
 
 constexpr int kScanItems = 8;                  // time steps per thread
 constexpr int kScanChunk = 32 * kScanItems;    // time steps per warp per chunk

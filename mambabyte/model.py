@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from .config import MambaByteConfig
 from .errors import MambaByteError, StateError
 from .modules import Block, MambaMixer, make_norm
+from .modules.norms import add_norm
 from .state import MambaState
 
 Tensor = torch.Tensor
@@ -196,10 +197,10 @@ class MambaByteLM(nn.Module):
             if want_state:
                 convs.append(new_conv)
                 ssms.append(new_ssm)
-        residual = hidden + residual if residual is not None else hidden
-        if self.config.residual_in_fp32:
-            residual = residual.float()
-        hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
+        if num_last_tokens > 0:  # only the last positions go through the final norm and the head
+            hidden = hidden[:, -num_last_tokens:].contiguous()
+            residual = residual[:, -num_last_tokens:].contiguous() if residual is not None else None
+        hidden, _ = add_norm(hidden, residual, self.backbone.norm_f, self.config.residual_in_fp32)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         logits = self.lm_head(hidden)[..., : self.config.vocab_size]

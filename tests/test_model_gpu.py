@@ -247,3 +247,56 @@ def test_channel_first_forward_matches_the_module_path_on_the_kernels(autocast):
     for name in ga:
         scale = gb[name].abs().max().clamp(min=1e-6)
         assert ((ga[name] - gb[name]).abs().max() / scale).item() < (5e-2 if autocast else 1e-3), name
+
+
+@pytest.mark.parametrize("dtype,res_fp32", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
+                                            (torch.float16, True)])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_fused_add_norm_matches_the_torch_ops(monkeypatch, dtype, res_fp32, norm):
+    """csrc/add_norm.cu against add + cast + norm: the residual exactly, the normed output to an ulp of
+    its dtype (LayerNorm's statistics are summed in another order than torch's Welford)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.modules.norms import add_norm, make_norm
+    from mambabyte.ops import cuda_backend
+
+    assert cuda_backend.status()[0]
+    torch.manual_seed(0)
+    D = 1792
+    mod = make_norm(norm, D, 1e-5, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        mod.weight.copy_(1 + 0.1 * torch.randn(D))
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.copy_(0.1 * torch.randn(D))
+    h = (3 * torch.randn(3, 37, D, device="cuda")).to(dtype)
+    rdt = torch.float32 if res_fp32 or dtype == torch.float32 else dtype
+    for r in (None, torch.randn(3, 37, D, device="cuda").to(rdt)):
+        with torch.no_grad():
+            monkeypatch.setattr(cuda_backend, "FUSED_ADD_NORM", True)
+            assert cuda_backend.add_norm_cuda(h, r, mod, res_fp32) is not None
+            n1, r1 = add_norm(h, r, mod, res_fp32)
+            monkeypatch.setattr(cuda_backend, "FUSED_ADD_NORM", False)
+            n2, r2 = add_norm(h, r, mod, res_fp32)
+        assert r1.dtype == r2.dtype and n1.dtype == n2.dtype == dtype
+        assert torch.equal(r1, r2)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(n1, n2, **tol)
+
+
+def test_fused_add_norm_is_skipped_under_autograd_and_the_model_agrees(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.ops import cuda_backend
+
+    m = _random_model(MambaByteConfig(d_model=128, n_layer=2), torch.float32)
+    h = torch.randn(2, 5, 128, device="cuda")
+    assert cuda_backend.add_norm_cuda(h, None, m.backbone.layers[0].norm, True) is None  # weights want grads
+    x = torch.randint(0, 256, (2, 300), device="cuda")
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(cuda_backend, "FUSED_ADD_NORM", fused)
+        with torch.no_grad():
+            o = m(x, return_state=True)
+        outs.append((o.logits, o.state.ssm))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)

@@ -68,7 +68,9 @@ def prefill(
         if p:
             groups[len(p)].append(i)
     for L, rows in sorted(groups.items()):
-        ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=dev)
+        # bytes -> uint8 tensor without a Python int per byte, then one host-to-device copy
+        flat = torch.frombuffer(bytearray(b"".join(prompts[i] for i in rows)), dtype=torch.uint8)
+        ids = flat.view(len(rows), L).to(dev).long()
         src = state.select(rows) if state is not None else None
         lg, st = forward_chunked(model, ids, src, chunk_bytes)
         idx = torch.tensor(rows, device=dev)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .mixer import MambaMixer
-from .norms import make_norm
+from .norms import add_norm, make_norm
 
 Tensor = torch.Tensor
 
@@ -27,11 +27,7 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def _add_norm(self, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        residual = hidden if residual is None else hidden + residual
-        if self.residual_in_fp32:
-            residual = residual.float()
-        normed = self.norm(residual.to(self.norm.weight.dtype))
-        return normed, residual
+        return add_norm(hidden, residual, self.norm, self.residual_in_fp32)
 
     def forward(
         self,

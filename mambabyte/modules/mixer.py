@@ -58,6 +58,39 @@ class CausalConv1d(nn.Module):
         return f"channels={self.channels}, width={self.width}, bias={self.bias is not None}"
 
 
+class _LinearToChannels(torch.autograd.Function):
+    """h (b, L, D) @ w.T -> (b, rows, L) contiguous, one batched GEMM; the backward also writes each
+    gradient in its tensor's own layout (dh as (b, L, D)), so no transposed gradient is copied."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(h, w)
+        return torch.bmm(w.expand(h.shape[0], -1, -1), h.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w = ctx.saved_tensors
+        dh = torch.bmm(g.transpose(1, 2), w.expand(h.shape[0], -1, -1)) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(g, h).sum(0) if ctx.needs_input_grad[1] else None
+        return dh, dw
+
+
+class _LinearFromChannels(torch.autograd.Function):
+    """y (b, di, L) -> y.T @ w.T (b, L, D) contiguous; dy comes back as (b, di, L), the scan's layout."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(y, w)
+        return torch.bmm(y.transpose(1, 2), w.t().expand(y.shape[0], -1, -1))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        y, w = ctx.saved_tensors
+        dy = torch.bmm(w.t().expand(y.shape[0], -1, -1), g.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(g.transpose(1, 2), y.transpose(1, 2)).sum(0) if ctx.needs_input_grad[1] else None
+        return dy, dw
+
+
 class MambaMixer(nn.Module):
     """Selective SSM mixer (Mamba-1)."""
 
@@ -188,12 +221,10 @@ class MambaMixer(nn.Module):
             # cast before expanding: autocast would otherwise copy the expanded (b, ...) view
             return t if (t is None or cast is None or t.dtype == cast) else t.to(cast)
 
-        h_t = hidden_states.transpose(1, 2)  # (b, D, L) view
-        if cast is not None:
-            h_t = h_t.to(cast)
+        h = hidden_states if cast is None else hidden_states.to(cast)
         w_in = w(self.in_proj.weight)
-        x = torch.bmm(w_in[:di].expand(b, -1, -1), h_t)  # (b, di, L), contiguous
-        z = torch.bmm(w_in[di:].expand(b, -1, -1), h_t)
+        x = _LinearToChannels.apply(h, w_in[:di])  # (b, di, L), contiguous
+        z = _LinearToChannels.apply(h, w_in[di:])
         if self.in_proj.bias is not None:
             bi = w(self.in_proj.bias)
             x = x + bi[:di, None]
@@ -219,7 +250,7 @@ class MambaMixer(nn.Module):
             initial_state=ssm_state,
             return_final_state=True,
         )
-        out = torch.bmm(y.transpose(1, 2), w(self.out_proj.weight).t().expand(b, -1, -1))  # (b, L, D)
+        out = _LinearFromChannels.apply(y, w(self.out_proj.weight))  # (b, L, D)
         if self.out_proj.bias is not None:
             out = out + w(self.out_proj.bias)
         return out, new_conv, new_ssm

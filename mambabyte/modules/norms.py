@@ -20,6 +20,25 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+def add_norm(hidden: torch.Tensor, residual, norm: nn.Module, residual_in_fp32: bool):
+    """``residual = hidden + residual`` (fp32 when ``residual_in_fp32``), then ``norm`` of it cast to the
+    norm's dtype. Returns (normed, residual). Without autograd on a CUDA tensor this is one fused kernel
+    (csrc/add_norm.cu); otherwise, and whenever that kernel does not apply, the three torch ops."""
+    if hidden.is_cuda:
+        from ..ops import cuda_backend_status
+
+        if cuda_backend_status()[0]:
+            from ..ops.cuda_backend import add_norm_cuda
+
+            fused = add_norm_cuda(hidden, residual, norm, residual_in_fp32)
+            if fused is not None:
+                return fused
+    residual = hidden if residual is None else hidden + residual
+    if residual_in_fp32:
+        residual = residual.float()
+    return norm(residual.to(norm.weight.dtype)), residual
+
+
 def make_norm(kind: str, dim: int, eps: float, device=None, dtype=None) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, elementwise_affine=True, device=device, dtype=dtype)

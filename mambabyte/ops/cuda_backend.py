@@ -469,6 +469,10 @@ FUSED_MAX_BATCH = int(os.environ.get("MAMBABYTE_FUSED_MAX_BATCH", "4") or 4)
 PDL = os.environ.get("MAMBABYTE_PDL", "1") != "0"
 
 
+# The fused residual add + norm for forwards without autograd (MAMBABYTE_FUSED_ADD_NORM=0 turns it off).
+FUSED_ADD_NORM = os.environ.get("MAMBABYTE_FUSED_ADD_NORM", "1") != "0"
+
+
 def _pdl_ok(device: torch.device) -> bool:
     return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -517,6 +521,37 @@ def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
         if any(t.dtype != e or not t.is_cuda or not t.is_contiguous() or t.data_ptr() % 16 for t in big):
             return "block weights are not all contiguous, aligned CUDA tensors in the embedding's dtype"
     return None
+
+
+def add_norm_cuda(hidden, residual, norm, residual_in_fp32: bool):
+    """The fused residual add + norm (csrc/add_norm.cu) when it applies, else None: CUDA, no autograd,
+    LayerNorm (affine) or RMSNorm in hidden's dtype, contiguous inputs, no hooks on the norm."""
+    from ..modules.norms import RMSNorm
+
+    ext = _EXT
+    if not FUSED_ADD_NORM or ext is None or not hasattr(ext, "add_norm") or hidden.dtype not in _SUPPORTED:
+        return None
+    rms = isinstance(norm, RMSNorm)
+    if not rms and not (isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine
+                        and len(norm.normalized_shape) == 1):
+        return None
+    w = norm.weight
+    bias = getattr(norm, "bias", None)
+    D = hidden.shape[-1]
+    if w.dtype != hidden.dtype or w.shape != (D,) or D * 4 > 48 * 1024 or not hidden.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (hidden.requires_grad or w.requires_grad
+                                    or (residual is not None and residual.requires_grad)):
+        return None
+    res_dtype = torch.float32 if (residual_in_fp32 or hidden.dtype == torch.float32) else hidden.dtype
+    if residual is not None and (residual.dtype != res_dtype or residual.shape != hidden.shape
+                                 or not residual.is_contiguous()):
+        return None
+    if _has_hooks(norm):
+        return None
+    out, res = ext.add_norm(hidden.reshape(-1, D), None if residual is None else residual.reshape(-1, D),
+                            residual_in_fp32, w, bias, float(norm.eps), rms)
+    return out.view(hidden.shape), res.view(hidden.shape)
 
 
 def _block_consts(mixer) -> Tuple[torch.Tensor, ...]:
