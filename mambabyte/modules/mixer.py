@@ -221,28 +221,36 @@ class MambaMixer(nn.Module):
             # cast before expanding: autocast would otherwise copy the expanded (b, ...) view
             return t if (t is None or cast is None or t.dtype == cast) else t.to(cast)
 
+        # the layout-keeping autograd functions only when a gradient is wanted (their Python cost is
+        # a large share of a short forward); without autograd the same batched GEMMs directly
+        grad = torch.is_grad_enabled() and (hidden_states.requires_grad or self.in_proj.weight.requires_grad)
         h = hidden_states if cast is None else hidden_states.to(cast)
         w_in = w(self.in_proj.weight)
-        x = _LinearToChannels.apply(h, w_in[:di])  # (b, di, L), contiguous
-        z = _LinearToChannels.apply(h, w_in[di:])
+        if grad:
+            x = _LinearToChannels.apply(h, w_in.narrow(0, 0, di))  # (b, di, L), contiguous
+            z = _LinearToChannels.apply(h, w_in.narrow(0, di, di))
+        else:
+            h_t = h.transpose(1, 2)
+            x = torch.bmm(w_in.narrow(0, 0, di).expand(b, -1, -1), h_t)
+            z = torch.bmm(w_in.narrow(0, di, di).expand(b, -1, -1), h_t)
         if self.in_proj.bias is not None:
             bi = w(self.in_proj.bias)
-            x = x + bi[:di, None]
-            z = z + bi[di:, None]
+            x = x + bi.narrow(0, 0, di).unsqueeze(-1)
+            z = z + bi.narrow(0, di, di).unsqueeze(-1)
         x, new_conv = ops.causal_conv1d(
             x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state=conv_state, activation="silu",
             return_final_state=True,
         )
         x_dbl = torch.bmm(w(self.x_proj.weight).expand(b, -1, -1), x)  # (b, r + 2n, L)
-        dt = torch.bmm(w(self.dt_proj.weight).expand(b, -1, -1), x_dbl[:, :r])  # (b, di, L), no bias
+        dt = torch.bmm(w(self.dt_proj.weight).expand(b, -1, -1), x_dbl.narrow(1, 0, r))  # (b, di, L), no bias
         A = -torch.exp(self.A_log.float())
         dt_bias = self.dt_proj.bias
         y, new_ssm = ops.selective_scan(
             x,
             dt,
             A,
-            x_dbl[:, r : r + n],
-            x_dbl[:, r + n :],
+            x_dbl.narrow(1, r, n),
+            x_dbl.narrow(1, r + n, n),
             D=self.D.float(),
             z=z,
             delta_bias=dt_bias if dt_bias.dtype == torch.float64 else dt_bias.float(),
@@ -250,7 +258,11 @@ class MambaMixer(nn.Module):
             initial_state=ssm_state,
             return_final_state=True,
         )
-        out = _LinearFromChannels.apply(y, w(self.out_proj.weight))  # (b, L, D)
+        w_out = w(self.out_proj.weight)
+        if grad or y.requires_grad:
+            out = _LinearFromChannels.apply(y, w_out)  # (b, L, D)
+        else:
+            out = torch.bmm(y.transpose(1, 2), w_out.t().expand(b, -1, -1))
         if self.out_proj.bias is not None:
             out = out + w(self.out_proj.bias)
         return out, new_conv, new_ssm
