@@ -285,3 +285,33 @@ def test_hooks_on_the_projections_take_the_module_path():
         h.remove()
     with torch.no_grad():
         torch.testing.assert_close(m(torch.tensor([[1, 2, 3, 4]])).logits, hooked, rtol=1e-5, atol=1e-6)
+
+
+def test_channel_first_without_autograd_uses_cached_constants_that_follow_the_weights():
+    """No grad: A, D, the conv taps and Δ's bias come from the per-mixer fp32 cache, which is rebuilt
+    when a parameter changes in place; the result equals the module path before and after a change."""
+    torch.manual_seed(0)
+    m = MambaByteLM(MambaByteConfig(d_model=32, n_layer=2)).eval()
+    x = torch.randint(0, 256, (2, 21))
+
+    def both():
+        out = []
+        for cf in (True, False):
+            for layer in m.backbone.layers:
+                layer.mixer.channel_first = cf
+            with torch.no_grad():
+                o = m(x, return_state=True)
+            out.append((o.logits, o.state.ssm))
+        torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+        return out[0][0]
+
+    first = both()
+    assert hasattr(m.backbone.layers[0].mixer, "_mb_block_consts")
+    with torch.no_grad():
+        for layer in m.backbone.layers:
+            layer.mixer.A_log.add_(0.3)
+            layer.mixer.dt_proj.bias.sub_(0.5)
+            layer.mixer.conv1d.weight.mul_(1.5)
+    second = both()
+    assert not torch.allclose(first, second)

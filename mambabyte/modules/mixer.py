@@ -239,23 +239,30 @@ class MambaMixer(nn.Module):
             bi = w(self.in_proj.bias)
             x = x + bi.narrow(0, 0, di).unsqueeze(-1)
             z = z + bi.narrow(0, di, di).unsqueeze(-1)
+        if not torch.is_grad_enabled() and self.A_log.dtype == torch.float32:
+            # no autograd: the fp32 constants (A = -exp(A_log), D, conv taps, Δ bias) as cached for the
+            # decode step, rebuilt only when a parameter changes -- five fewer small kernels a layer
+            from ..ops.cuda_backend import _block_consts
+
+            A, D, conv_w, conv_b, dt_bias = _block_consts(self)
+        else:
+            A, D = -torch.exp(self.A_log.float()), self.D.float()
+            conv_w, conv_b, dt_bias = self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_proj.bias
+            dt_bias = dt_bias if dt_bias.dtype == torch.float64 else dt_bias.float()
         x, new_conv = ops.causal_conv1d(
-            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state=conv_state, activation="silu",
-            return_final_state=True,
+            x, conv_w, conv_b, conv_state=conv_state, activation="silu", return_final_state=True,
         )
         x_dbl = torch.bmm(w(self.x_proj.weight).expand(b, -1, -1), x)  # (b, r + 2n, L)
         dt = torch.bmm(w(self.dt_proj.weight).expand(b, -1, -1), x_dbl.narrow(1, 0, r))  # (b, di, L), no bias
-        A = -torch.exp(self.A_log.float())
-        dt_bias = self.dt_proj.bias
         y, new_ssm = ops.selective_scan(
             x,
             dt,
             A,
             x_dbl.narrow(1, r, n),
             x_dbl.narrow(1, r + n, n),
-            D=self.D.float(),
+            D=D,
             z=z,
-            delta_bias=dt_bias if dt_bias.dtype == torch.float64 else dt_bias.float(),
+            delta_bias=dt_bias,
             delta_softplus=True,
             initial_state=ssm_state,
             return_final_state=True,
