@@ -14,7 +14,7 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 struct ScanParams {
   int batch = 0, dim = 0, seqlen = 0, dstate = 0;
   int n_save = 0;     // ceil(L / kScanChunk): chunk-start states saved by the forward for the backward
-  int items = 8;      // forward: time steps per thread (8 or 16)
+  int items = 8;      // forward: time steps per thread (only 8 is instantiated; the binding refuses others)
   int bwd_warps = 4;  // backward: channels per block (4 or 8)
   int fwd_min_blocks = 1, bwd_min_blocks = 1;  // register-cap variants (see scan_kernels.cuh)
   int fwd_states = 2;  // forward: states per n iteration where B / C are staged (1, 2 or 4)
