@@ -15,22 +15,6 @@ namespace {
 
 constexpr int kAnThreads = 256;
 
-__device__ __forceinline__ float an_block_sum(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    float t = lane < kAnThreads / 32 ? red[lane] : 0.f;
-    t = warp_sum(t);
-    if (lane == 0) red[32] = t;
-  }
-  __syncthreads();
-  const float r = red[32];
-  __syncthreads();
-  return r;
-}
-
 // grid (rows); dynamic smem: D floats.
 template <typename E, typename RT>
 __global__ void __launch_bounds__(kAnThreads) add_norm_kernel(const AddNormParams p) {
@@ -52,13 +36,13 @@ __global__ void __launch_bounds__(kAnThreads) add_norm_kernel(const AddNormParam
     s += x;
   }
   float mean = 0.f;
-  if (!p.rms) mean = an_block_sum(s, red) / (float)D;
+  if (!p.rms) mean = block_sum(s, red) / (float)D;
   float ss = 0.f;
   for (int k = threadIdx.x; k < D; k += kAnThreads) {
     const float d = s_row[k] - mean;
     ss = fmaf(d, d, ss);
   }
-  const float rstd = rsqrtf(an_block_sum(ss, red) / (float)D + p.eps);
+  const float rstd = rsqrtf(block_sum(ss, red) / (float)D + p.eps);
   const E* w = static_cast<const E*>(p.weight);
   const E* b = static_cast<const E*>(p.bias);
   E* out = static_cast<E*>(p.out) + row;

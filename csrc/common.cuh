@@ -81,6 +81,23 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Sum over the block; every thread gets it. red: shared float[33]; reusable on return.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float t = lane < nw ? red[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) red[32] = t;
+  }
+  __syncthreads();
+  const float r = red[32];
+  __syncthreads();
+  return r;
+}
+
 // Inclusive scan of the affine maps h -> P*h + S over lanes 0..31 (earlier lanes applied first).
 __device__ __forceinline__ void warp_scan_fwd(float& P, float& S, int lane) {
 #pragma unroll

@@ -59,23 +59,6 @@ __device__ __forceinline__ void unpack16(const uint4& v, float (&f)[16 / sizeof(
   for (int i = 0; i < (int)(16 / sizeof(E)); ++i) f[i] = to_float(e[i]);
 }
 
-// Sum over the block; every thread gets it. red: shared float[33]; reusable on return.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    float t = lane < nw ? red[lane] : 0.f;
-    t = warp_sum(t);
-    if (lane == 0) red[32] = t;
-  }
-  __syncthreads();
-  const float r = red[32];
-  __syncthreads();
-  return r;
-}
-
 // grid (d_inner / kLsInChannels, ceil(batch / kLsMaxB)); dynamic smem: min(batch, 8) * D * sizeof(E).
 template <typename E, typename RT>
 __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepParams p) {
@@ -303,22 +286,30 @@ __global__ void __launch_bounds__(kInThreads) layer_in_kernel(const LayerStepPar
   }
 }
 
-// grid (ceil(d_inner / kSsmThreads), batch); dynamic smem: (R + 2n) floats.
+// Kernel 2's prologue: batch row (chunk, bi)'s x_proj output (dt_low, B, C) into s_x[R + 2n], the sum
+// of kernel 1's group partials, rounded to E as the per-op x_proj output is. Ends with a barrier.
 template <typename E>
-__global__ void __launch_bounds__(kSsmThreads) layer_ssm_kernel(const LayerStepParams p) {
-  constexpr int V = 16 / sizeof(E);
-  extern __shared__ float s_x[];  // this row's x_proj output (dt_low, B, C), rounded to E
-  const int di = p.d_inner, R = p.dt_rank, N = p.d_state, J = R + 2 * N;
-  const int bb = blockIdx.y, chunk = bb / kLsMaxB, bi = bb % kLsMaxB;
-  pdl_launch_dependents();
-  pdl_wait();
+__device__ __forceinline__ void load_xproj_sums(const LayerStepParams& p, int chunk, int bi, float* s_x) {
+  const int J = p.dt_rank + 2 * p.d_state;
   const float* gp = p.gpart + (long)chunk * p.n_groups * kLsMaxB * J + bi * J;
-  for (int j = threadIdx.x; j < J; j += kSsmThreads) {
+  for (int j = threadIdx.x; j < J; j += blockDim.x) {
     float s = 0.f;
     for (int g = 0; g < p.n_groups; ++g) s += __ldcg(gp + (long)g * kLsMaxB * J + j);
     s_x[j] = round_e<E>(s);
   }
   __syncthreads();
+}
+
+// grid (ceil(d_inner / kSsmThreads), batch); dynamic smem: (R + 2n) floats.
+template <typename E>
+__global__ void __launch_bounds__(kSsmThreads) layer_ssm_kernel(const LayerStepParams p) {
+  constexpr int V = 16 / sizeof(E);
+  extern __shared__ float s_x[];  // this row's x_proj output (dt_low, B, C), rounded to E
+  const int di = p.d_inner, R = p.dt_rank, N = p.d_state;
+  const int bb = blockIdx.y, chunk = bb / kLsMaxB, bi = bb % kLsMaxB;
+  pdl_launch_dependents();
+  pdl_wait();
+  load_xproj_sums<E>(p, chunk, bi, s_x);
   const int c = blockIdx.x * kSsmThreads + threadIdx.x;
   if (c >= di) return;
   const long bc = (long)bb * di + c;
@@ -358,7 +349,7 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_kernel(const LayerStepP
 template <typename E>
 __global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const LayerStepParams p) {
   extern __shared__ float s_x[];
-  const int di = p.d_inner, R = p.dt_rank, N = p.d_state, J = R + 2 * N;
+  const int di = p.d_inner, R = p.dt_rank, N = p.d_state;
   const int P = N, cpb = kSsmThreads / P;
   const int bb = blockIdx.y, chunk = bb / kLsMaxB, bi = bb % kLsMaxB;
   const int n = threadIdx.x % P;
@@ -388,13 +379,7 @@ __global__ void __launch_bounds__(kSsmThreads) layer_ssm_lanes_kernel(const Laye
     zv = to_float(__ldcg(static_cast<const E*>(p.z) + bc));
     h0 = __ldcg(p.ssm_state + bc * N + n);
   }
-  const float* gp = p.gpart + (long)chunk * p.n_groups * kLsMaxB * J + bi * J;
-  for (int j = threadIdx.x; j < J; j += kSsmThreads) {
-    float s = 0.f;
-    for (int g = 0; g < p.n_groups; ++g) s += __ldcg(gp + (long)g * kLsMaxB * J + j);
-    s_x[j] = round_e<E>(s);
-  }
-  __syncthreads();
+  load_xproj_sums<E>(p, chunk, bi, s_x);
   float dt = 0.f;
   if (live) {
 #pragma unroll
