@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .hooks import has_forward_hooks
 
 Tensor = torch.Tensor
 
@@ -194,14 +195,7 @@ class MambaMixer(nn.Module):
 
     def _hooked(self) -> bool:
         """Whether a forward (pre-)hook would see the projections' outputs (then run them as modules)."""
-        from torch.nn.modules import module as _m
-
-        if _m._global_forward_hooks or _m._global_forward_pre_hooks:
-            return True
-        return any(
-            m._forward_hooks or m._forward_pre_hooks
-            for m in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj, self.out_proj)
-        )
+        return has_forward_hooks(self.in_proj, self.conv1d, self.x_proj, self.dt_proj, self.out_proj)
 
     def _forward_channel_first(
         self, hidden_states: Tensor, conv_state: Optional[Tensor], ssm_state: Optional[Tensor]

@@ -478,11 +478,10 @@ def _pdl_ok(device: torch.device) -> bool:
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
-    from torch.nn.modules import module as _m
+    """A forward hook on ``module`` or anywhere below it (or a global one)."""
+    from ..modules.hooks import has_forward_hooks
 
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    return has_forward_hooks(*module.modules())
 
 
 def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
