@@ -123,7 +123,7 @@ static void run_scan_bwd(mb::ScanParams& p, int dt, cudaStream_t s) {
 // Returns [out, final_state, chunk_states (empty unless save_states)]. items: time steps per thread (8).
 std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus, const OptT& h0,
-                             bool save_states, int64_t items, int64_t min_blocks, int64_t states, int64_t lean) {
+                             bool save_states, int64_t items, int64_t min_blocks, int64_t states) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
@@ -132,8 +132,6 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
   p.fwd_min_blocks = (int)min_blocks;
   TORCH_CHECK(states == 1 || states == 2 || states == 4, "states must be 1, 2 or 4");
   p.fwd_states = (int)states;
-  TORCH_CHECK(lean == 0 || lean == 1 || lean == 2, "lean must be 0, 1 or 2");
-  p.fwd_lean = (int)lean;
   const int64_t b = p.batch, d = p.dim, n = p.dstate;
   p.h0 = opt_f32(h0, "initial_state", b * d * n);
   Tensor out = at::empty_like(u);
@@ -153,15 +151,13 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
 // input was absent. Variable dB / dC come back as fp32 (b, g, n, L); fixed ones as fp32 (d, n).
 std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus,
-                             const Tensor& chunk_states, const Tensor& dout, const OptT& dfinal, int64_t warps, int64_t min_blocks, bool lane_acc,
-                             bool lean) {
+                             const Tensor& chunk_states, const Tensor& dout, const OptT& dfinal, int64_t warps, int64_t min_blocks, bool lane_acc) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
   p.bwd_warps = (int)warps;
   p.bwd_min_blocks = (int)min_blocks;
   p.bwd_lane_acc = lane_acc ? 1 : 0;
-  p.bwd_lean = lean ? 1 : 0;
   const int64_t b = p.batch, d = p.dim, n = p.dstate, L = p.seqlen;
   CHECK_CONTIG(chunk_states);
   CHECK_F32(chunk_states);

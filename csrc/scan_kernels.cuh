@@ -42,42 +42,15 @@ __device__ __forceinline__ void fetch_bc(const BE* __restrict__ base, int var, i
   }
 }
 
-// A 16-byte shared-memory load the compiler may not merge with an earlier one: the lean kernels
-// re-read B / C rows on purpose, rather than keep them live in registers.
-__device__ __forceinline__ uint4 lds128(const void* ptr) {
-  uint4 v;
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-  return v;
-}
-
-// kT consecutive B or C values of a shared-memory stage row (16-byte aligned), as floats.
-// kReread: through lds128 (a deliberate re-read in a lean kernel).
-template <typename BE, int kT, bool kReread = false>
-__device__ __forceinline__ void stage_row_f(const BE* row, float (&v)[kT]) {
-  alignas(16) BE r[kT];
-#pragma unroll
-  for (int k = 0; k < kT * (int)sizeof(BE) / 16; ++k) {
-    const BE* src = row + k * (16 / sizeof(BE));
-    reinterpret_cast<uint4*>(r)[k] = kReread ? lds128(src) : *reinterpret_cast<const uint4*>(src);
-  }
-#pragma unroll
-  for (int i = 0; i < kT; ++i) v[i] = to_float(r[i]);
-}
-
 // kStage: B and C are both variable; each chunk of their rows is staged in shared memory (cp.async,
 // double-buffered, one chunk ahead) and shared by the block's channels.
 // kNP: states processed together in the n loop (2: two independent shuffle scans interleaved).
-// kLean (staged only): pass 1 keeps only exp(delta A) per step; pass 2 re-reads B and C from shared
-// memory and recomputes delta u B (the same product, so the same result), for fewer live registers
-// and more resident warps.
-template <typename E, typename BE, int kT, int kMinBlocks, bool kStage, int kNP, bool kLean>
+template <typename E, typename BE, int kT, int kMinBlocks, bool kStage, int kNP>
 __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanParams p) {
   constexpr int kChunk = 32 * kT;
   constexpr int kSavesPerChunk = kChunk / kScanChunk;  // states saved every kScanChunk steps
   constexpr int kLanesPerSave = kScanChunk / kT;
   static_assert(kStage || kNP == 1, "the register-prefetch path takes one state at a time");
-  static_assert(kStage || !kLean, "the lean variant reads B / C from the shared-memory stage");
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -118,14 +91,12 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
 
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * kChunk + lane * kT;
-    // z stays in its own dtype until the epilogue (half the registers of floats)
-    alignas(16) E cz[kT];
-    float uv[kT], dl[kT], du[kT], y[kT];
+    float uv[kT], dl[kT], du[kT], y[kT], zv[kT];
 #pragma unroll
     for (int i = 0; i < kT; ++i) {
       uv[i] = to_float(ru[i]);
-      cz[i] = zr ? rz[i] : from_float<E>(0.f);
       dl[i] = to_float(rd[i]);
+      zv[i] = zr ? to_float(rz[i]) : 0.f;
     }
     if (c + 1 < n_chunks) {
       load_run<E, kT>(u, t0 + kChunk, L, p.in_vec, ru);
@@ -159,16 +130,24 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
     }
 #pragma unroll 1
     for (int n = 0; n < N; n += kNP) {  // kNP states at a time: independent chains to overlap
-      // with kLean, Cv and dBu are never read (the compiler drops them): pass 2 re-reads the stage
       float Cv[kNP][kT], dA[kNP][kT], dBu[kNP][kT], P[kNP], S[kNP];
 #pragma unroll
       for (int j = 0; j < kNP; ++j) {
         float Bv[kT];
-        if constexpr (kLean) {
-          stage_row_f<BE, kT, true>(st + (n + j) * kChunk + lane * kT, Bv);
-        } else if constexpr (kStage) {
-          stage_row_f<BE, kT>(st + (n + j) * kChunk + lane * kT, Bv);
-          stage_row_f<BE, kT>(st + (N + n + j) * kChunk + lane * kT, Cv[j]);
+        if constexpr (kStage) {
+          alignas(16) BE Br[kT], Cr[kT];
+          const uint4* sb = reinterpret_cast<const uint4*>(st + (n + j) * kChunk + lane * kT);
+          const uint4* sc = reinterpret_cast<const uint4*>(st + (N + n + j) * kChunk + lane * kT);
+#pragma unroll
+          for (int v = 0; v < kT * (int)sizeof(BE) / 16; ++v) {
+            reinterpret_cast<uint4*>(Br)[v] = sb[v];
+            reinterpret_cast<uint4*>(Cr)[v] = sc[v];
+          }
+#pragma unroll
+          for (int i = 0; i < kT; ++i) {
+            Bv[i] = to_float(Br[i]);
+            Cv[j][i] = to_float(Cr[i]);
+          }
         } else {
 #pragma unroll
           for (int i = 0; i < kT; ++i) {
@@ -200,21 +179,10 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
         if (lane == 0) hin = cin;
         // pass 2: the states from the lane's true incoming state, read out through C
         float h = hin;
-        if constexpr (kLean) {
-          float Bv[kT], Cr[kT];
-          stage_row_f<BE, kT, true>(st + (n + j) * kChunk + lane * kT, Bv);
-          stage_row_f<BE, kT, true>(st + (N + n + j) * kChunk + lane * kT, Cr);
 #pragma unroll
-          for (int i = 0; i < kT; ++i) {
-            h = fmaf(dA[j][i], h, du[i] * Bv[i]);
-            y[i] = fmaf(h, Cr[i], y[i]);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < kT; ++i) {
-            h = fmaf(dA[j][i], h, dBu[j][i]);
-            y[i] = fmaf(h, Cv[j][i], y[i]);
-          }
+        for (int i = 0; i < kT; ++i) {
+          h = fmaf(dA[j][i], h, dBu[j][i]);
+          y[i] = fmaf(h, Cv[j][i], y[i]);
         }
         const float cnew = __shfl_sync(kFullMask, hend, 31);
         if (cs) {
@@ -234,10 +202,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
 #pragma unroll
     for (int i = 0; i < kT; ++i) {
       float o = fmaf(Dv, uv[i], y[i]);
-      if (zr) {
-        const float zv = to_float(cz[i]);
-        o *= zv * sigmoid_f(zv);
-      }
+      if (zr) o *= zv[i] * sigmoid_f(zv[i]);
       y[i] = o;
     }
     store_run_f<E, kT>(out, t0, L, p.in_vec, y);
@@ -247,13 +212,9 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
 }
 
 // kMinBlocks = 2 caps registers at 128 (some spills) for twice the resident warps.
-// kLean (staged only): B / C rows are re-read from shared memory where each pass needs them, dB / dC
-// contributions go to the exchange buffer as soon as each group of 4 is done, and the softplus and
-// gate derivatives are recomputed from re-read inputs after the state loop: fewer live registers.
-template <typename E, typename BE, int kMinBlocks, bool kStage, bool kLean = false>
+template <typename E, typename BE, int kMinBlocks, bool kStage>
 __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanParams p) {
   constexpr int kT = kScanItems;
-  static_assert(kStage || !kLean, "the lean variant reads B / C from the shared-memory stage");
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -333,15 +294,15 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
         const bool in = t0 + i < L;
         const float d = dr[i] + bias;
         dl[i] = in ? (p.softplus ? softplus_f(d) : d) : 0.f;
+        spg[i] = in ? (p.softplus ? sigmoid_f(d) : 1.f) : 0.f;
         const float go = in ? dov[i] : 0.f;
-        if constexpr (!kLean) spg[i] = in ? (p.softplus ? sigmoid_f(d) : 1.f) : 0.f;
         if (zr) {
           const float s = sigmoid_f(zv[i]);
           dy[i] = go * zv[i] * s;
-          if constexpr (!kLean) gz[i] = go * s * (1.f + zv[i] * (1.f - s));
+          gz[i] = go * s * (1.f + zv[i] * (1.f - s));
         } else {
           dy[i] = go;
-          if constexpr (!kLean) gz[i] = 0.f;
+          gz[i] = 0.f;
         }
         dua[i] = dy[i] * Dv;
         dda[i] = 0.f;
@@ -360,10 +321,8 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
     }
 #pragma unroll 1
     for (int n = 0; n < N; ++n) {
-      float Bv[kT], Cv[kT];  // kLean: filled from the stage by each pass that reads them
-      const BE* srowB = st + n * kScanChunk + lane * kT;
-      const BE* srowC = st + (N + n) * kScanChunk + lane * kT;
-      if constexpr (kStage && !kLean) {
+      float Bv[kT], Cv[kT];
+      if constexpr (kStage) {
         const uint4* sb = reinterpret_cast<const uint4*>(st + n * kScanChunk + lane * kT);
         const uint4* sc = reinterpret_cast<const uint4*>(st + (N + n) * kScanChunk + lane * kT);
 #pragma unroll
@@ -372,12 +331,10 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
           reinterpret_cast<uint4*>(Cn)[j] = sc[j];
         }
       }
-      if constexpr (!kLean) {
 #pragma unroll
-        for (int i = 0; i < kT; ++i) {
-          Bv[i] = to_float(Bn[i]);
-          Cv[i] = to_float(Cn[i]);
-        }
+      for (int i = 0; i < kT; ++i) {
+        Bv[i] = to_float(Bn[i]);
+        Cv[i] = to_float(Cn[i]);
       }
       if constexpr (!kStage) {
         if (n + 1 < N) {  // prefetch the next state's B / C rows
@@ -390,7 +347,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
       // forward re-computation of this chunk's states
       float dA[kT], hv[kT];
       float h = 0.f;
-      if constexpr (kLean) stage_row_f<BE, kT, true>(srowB, Bv);
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
         dA[i] = exp2f(dl[i] * a2);
@@ -400,7 +356,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
       const float Pl = exp2f(a2 * dsum);  // the lane's total decay (also the reverse scan's)
       // reverse recurrence, lane-local from zero (independent of the forward states)
       float q = 0.f;
-      if constexpr (kLean) stage_row_f<BE, kT, true>(srowC, Cv);
 #pragma unroll
       for (int i = kT - 1; i >= 0; --i) q = dA[i] * fmaf(dy[i], Cv[i], q);
       // the forward and the reverse warp scans, interleaved
@@ -429,7 +384,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
       float qin = __shfl_down_sync(kFullMask, qs, 1);
       if (lane == 31) qin = cq;
       h = hin;
-      if constexpr (kLean) stage_row_f<BE, kT, true>(srowC, Cv);
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
         h = fmaf(dA[i], h, hv[i]);
@@ -440,11 +394,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
       float gA = 0.f, gB = 0.f, gC = 0.f;
       float vB[kT], vC[kT];
       float qnext = qin;  // Q_{t+1}
-      float* xch = xch0 + buf * (2 * nwarps * kScanChunk);  // this state's dB / dC exchange buffer
-      if constexpr (kLean) {
-        stage_row_f<BE, kT, true>(srowB, Bv);
-        stage_row_f<BE, kT, true>(srowC, Cv);
-      }
 #pragma unroll
       for (int i = kT - 1; i >= 0; --i) {
         const float G = fmaf(dy[i], Cv[i], qnext);  // dL/dh_t
@@ -459,14 +408,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
         if (!p.B_var) gB += vB[i];
         if (!p.C_var) gC += vC[i];
         qnext = Q;
-        if constexpr (kLean) {  // staged: B and C are both variable; hand each group of 4 over now
-          if (i % 4 == 0) {
-            *reinterpret_cast<float4*>(xch + warp * kScanChunk + lane * kT + i) =
-                make_float4(vB[i], vB[i + 1], vB[i + 2], vB[i + 3]);
-            *reinterpret_cast<float4*>(xch + (nwarps + warp) * kScanChunk + lane * kT + i) =
-                make_float4(vC[i], vC[i + 1], vC[i + 2], vC[i + 3]);
-          }
-        }
       }
       const float cqnew = __shfl_sync(kFullMask, qs, 0);
       if (lane_acc) {
@@ -485,13 +426,14 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
       }
       if (red) {
         // double-buffered exchange: one barrier per state index
+        float* xch = xch0 + buf * (2 * nwarps * kScanChunk);
         buf ^= 1;
-        if (!kLean && p.B_var) {
+        if (p.B_var) {
           float4* xB = reinterpret_cast<float4*>(xch + warp * kScanChunk + lane * kT);
 #pragma unroll
           for (int j = 0; j < kT / 4; ++j) xB[j] = make_float4(vB[4 * j], vB[4 * j + 1], vB[4 * j + 2], vB[4 * j + 3]);
         }
-        if (!kLean && p.C_var) {
+        if (p.C_var) {
           float4* xC = reinterpret_cast<float4*>(xch + (nwarps + warp) * kScanChunk + lane * kT);
 #pragma unroll
           for (int j = 0; j < kT / 4; ++j) xC[j] = make_float4(vC[4 * j], vC[4 * j + 1], vC[4 * j + 2], vC[4 * j + 3]);
@@ -526,23 +468,6 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
     __syncwarp();
 
     float ddr[kT], dzv[kT];
-    if constexpr (kLean) {  // the softplus and gate derivatives, from the inputs re-read (cache hits)
-      float dr[kT], dov[kT], zv[kT];
-      load_run_f<E, kT>(dlt, t0, L, p.in_vec, dr);
-      load_run_f<E, kT>(dout, t0, L, p.in_vec, dov);
-      if (zr) load_run_f<E, kT>(zr, t0, L, p.in_vec, zv);
-#pragma unroll
-      for (int i = 0; i < kT; ++i) {
-        const bool in = t0 + i < L;
-        spg[i] = in ? (p.softplus ? sigmoid_f(dr[i] + bias) : 1.f) : 0.f;
-        if (zr) {
-          const float s = sigmoid_f(zv[i]);
-          gz[i] = (in ? dov[i] : 0.f) * s * (1.f + zv[i] * (1.f - s));
-        } else {
-          gz[i] = 0.f;
-        }
-      }
-    }
 #pragma unroll
     for (int i = 0; i < kT; ++i) {
       dD_acc = fmaf(dy[i], uv[i], dD_acc);
@@ -597,18 +522,17 @@ inline void scan_smem_attr(K kernel, size_t sm) {
   if (sm > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
 }
 
-template <typename E, typename BE, int kT, int kMinBlocks, int kNP, bool kLean = false>
+template <typename E, typename BE, int kT, int kMinBlocks, int kNP>
 void scan_fwd_go(ScanParams& p, cudaStream_t s) {
   const int nw = scan_warps_per_block(p, 4);
   dim3 grid(p.dim / nw, p.batch);
   const size_t base = sizeof(float) * ((nw * p.dstate + 3) & ~3);
   if (scan_can_stage<BE>(p, 32 * kT) && p.dstate % kNP == 0) {
     const size_t sm = base + 2 * 2 * (size_t)p.dstate * 32 * kT * sizeof(BE);
-    scan_smem_attr(scan_fwd_kernel<E, BE, kT, kMinBlocks, true, kNP, kLean>, sm);
-    scan_fwd_kernel<E, BE, kT, kMinBlocks, true, kNP, kLean><<<grid, nw * 32, sm, s>>>(p);
+    scan_smem_attr(scan_fwd_kernel<E, BE, kT, kMinBlocks, true, kNP>, sm);
+    scan_fwd_kernel<E, BE, kT, kMinBlocks, true, kNP><<<grid, nw * 32, sm, s>>>(p);
   } else {
-    constexpr int kMB = kLean ? 1 : kMinBlocks;  // lean variants are only for staged B / C
-    scan_fwd_kernel<E, BE, kT, kMB, false, 1, false><<<grid, nw * 32, base, s>>>(p);
+    scan_fwd_kernel<E, BE, kT, kMinBlocks, false, 1><<<grid, nw * 32, base, s>>>(p);
   }
 }
 
@@ -619,18 +543,6 @@ void scan_fwd_go(ScanParams& p, cudaStream_t s) {
 template <typename E, typename BE>
 void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
-    // lean kernel: p.fwd_lean = states per n iteration (1 or 2); p.fwd_min_blocks caps the registers
-    if (p.fwd_lean == 2) {
-      if (p.fwd_min_blocks == 5) return scan_fwd_go<E, BE, 8, 5, 2, true>(p, s);
-      if (p.fwd_min_blocks == 6) return scan_fwd_go<E, BE, 8, 6, 2, true>(p, s);
-      if (p.fwd_min_blocks == 7) return scan_fwd_go<E, BE, 8, 7, 2, true>(p, s);
-      return scan_fwd_go<E, BE, 8, 1, 2, true>(p, s);
-    }
-    if (p.fwd_lean == 1) {
-      if (p.fwd_min_blocks == 6) return scan_fwd_go<E, BE, 8, 6, 1, true>(p, s);
-      if (p.fwd_min_blocks == 7) return scan_fwd_go<E, BE, 8, 7, 1, true>(p, s);
-      return scan_fwd_go<E, BE, 8, 1, 1, true>(p, s);
-    }
     if (p.fwd_states == 1) return scan_fwd_go<E, BE, 8, 1, 1>(p, s);
     if (p.fwd_states == 4) return scan_fwd_go<E, BE, 8, 1, 4>(p, s);
     if (p.fwd_min_blocks == 4) return scan_fwd_go<E, BE, 8, 4, 2>(p, s);
@@ -639,7 +551,7 @@ void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
   scan_fwd_go<E, BE, 8, 1, 2>(p, s);
 }
 
-template <typename E, typename BE, int kMinBlocks, bool kLean = false>
+template <typename E, typename BE, int kMinBlocks>
 void scan_bwd_go(ScanParams& p, cudaStream_t s) {
   const int nw = scan_warps_per_block(p, p.bwd_warps == 8 ? 8 : 4);
   dim3 grid(p.dim / nw, p.batch);
@@ -647,23 +559,17 @@ void scan_bwd_go(ScanParams& p, cudaStream_t s) {
   if (scan_can_stage<BE>(p, kScanChunk)) {
     const size_t sm = base + 2 * 2 * (size_t)p.dstate * kScanChunk * sizeof(BE) +
                       (p.bwd_lane_acc ? sizeof(float) * nw * p.dstate * 32 : 0);
-    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true, kLean>, sm);
-    scan_bwd_kernel<E, BE, kMinBlocks, true, kLean><<<grid, nw * 32, sm, s>>>(p);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true>, sm);
+    scan_bwd_kernel<E, BE, kMinBlocks, true><<<grid, nw * 32, sm, s>>>(p);
   } else {
-    constexpr int kMB = kLean ? 1 : kMinBlocks;  // lean variants are only for staged B / C
-    scan_smem_attr(scan_bwd_kernel<E, BE, kMB, false>, base);
-    scan_bwd_kernel<E, BE, kMB, false><<<grid, nw * 32, base, s>>>(p);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, false>, base);
+    scan_bwd_kernel<E, BE, kMinBlocks, false><<<grid, nw * 32, base, s>>>(p);
   }
 }
 
 template <typename E, typename BE>
 void scan_bwd_launch(ScanParams& p, cudaStream_t s) {
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
-    if (p.bwd_lean) {  // p.bwd_min_blocks caps the registers (256 threads a block)
-      if (p.bwd_min_blocks == 2) return scan_bwd_go<E, BE, 2, true>(p, s);
-      if (p.bwd_min_blocks == 3) return scan_bwd_go<E, BE, 3, true>(p, s);
-      return scan_bwd_go<E, BE, 1, true>(p, s);
-    }
     if (p.bwd_min_blocks == 2) return scan_bwd_go<E, BE, 2>(p, s);
   }
   scan_bwd_go<E, BE, 1>(p, s);

@@ -386,22 +386,10 @@ VARIANTS = [
     dict(fwd_states=2, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1),
-    # the register-lean kernels (fwd_lean = states per iteration, fwd_min_blocks = register cap)
-    dict(fwd_lean=2, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lean=1),
-    dict(fwd_lean=2, fwd_min_blocks=5, bwd_warps=8, bwd_min_blocks=3, bwd_lean=1),
-    dict(fwd_lean=2, fwd_min_blocks=6, bwd_warps=4, bwd_min_blocks=1, bwd_lean=1),
-    dict(fwd_lean=2, fwd_min_blocks=7, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1, bwd_lean=1),
-    dict(fwd_lean=1, fwd_min_blocks=1),
-    dict(fwd_lean=1, fwd_min_blocks=6),
-    dict(fwd_lean=1, fwd_min_blocks=7),
 ]
 
 
-def _variant_id(v):
-    return "-".join(f"{k}{val}" for k, val in sorted(v.items()))
-
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "s{fwd_states}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}l{bwd_lane_acc}".format(**v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_scan_variants(variant, dtype, poison, monkeypatch):
     """Every compiled kernel variant: forward, resume across an odd cut, and all gradients."""

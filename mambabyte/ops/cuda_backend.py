@@ -45,9 +45,7 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # (8); fwd_states: states per n iteration of the forward where B / C are staged in shared memory
 # (1, 2 or 4); fwd_min_blocks: 1, or 4 to cap the forward's registers at 128; bwd_warps: channels
 # per block in the backward (4 or 8); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128;
-# bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state;
-# fwd_lean: 1 or 2 (states per iteration) picks the register-lean forward (16-bit, staged B / C), with
-# fwd_min_blocks 1, 5, 6 or 7 as its register cap; bwd_lean: 1 picks the register-lean backward.
+# bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state.
 TUNING = {
     "items": int(os.environ.get("MAMBABYTE_SCAN_ITEMS", "8")),
     "fwd_states": int(os.environ.get("MAMBABYTE_SCAN_FWD_STATES", "2")),
@@ -55,8 +53,6 @@ TUNING = {
     "bwd_warps": int(os.environ.get("MAMBABYTE_SCAN_BWD_WARPS", "8")),
     "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "2")),
     "bwd_lane_acc": int(os.environ.get("MAMBABYTE_SCAN_BWD_LANE_ACC", "0")),
-    "fwd_lean": int(os.environ.get("MAMBABYTE_SCAN_FWD_LEAN", "0")),
-    "bwd_lean": int(os.environ.get("MAMBABYTE_SCAN_BWD_LEAN", "0")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
@@ -181,7 +177,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         out, fin, cs = _ext().scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True,
-            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"], TUNING["fwd_lean"],
+            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"],
         )
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = initial_state is not None
@@ -199,7 +195,6 @@ class _SelectiveScanFn(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _ext().scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, cs, dout, dfin,
             TUNING["bwd_warps"], TUNING["bwd_min_blocks"], bool(TUNING["bwd_lane_acc"]),
-            bool(TUNING["bwd_lean"]),
         )
         return (
             du,
@@ -266,7 +261,7 @@ def selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     else:
         out, fin, _ = _ext().scan_fwd(
             *args[:8], bool(delta_softplus), args[8], False,
-            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"], TUNING["fwd_lean"],
+            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"],
         )
     out = out.to(u.dtype)
     return (out, fin) if return_final_state else out
