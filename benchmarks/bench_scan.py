@@ -128,6 +128,7 @@ def sweep_variants(shape):
     rows = []
     t = scan_inputs(b, d, L, n)
     for v in FWD_VARIANTS:
+        CB.TUNING.update(saved)  # a variant names only what it changes from the defaults
         CB.TUNING.update(v)
         with torch.no_grad():
             ms = bench(lambda: call_scan(t))
@@ -139,6 +140,7 @@ def sweep_variants(shape):
     leaves = [v for v in tg.values() if v is not None and v.requires_grad]
     dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
     for v in BWD_VARIANTS:
+        CB.TUNING.update(saved)
         CB.TUNING.update(v)
 
         def fb():

@@ -6,6 +6,7 @@
 #   4. the scan against the ANCHORS shapes
 #   5. kernel-time profiles: prefill (972M), a training step (353M), decode steps per-op and fused (353M)
 #   6. training throughput at the 353M and 972M shapes (batch 4 x 8192, bf16 autocast)
+#   7. every compiled scan kernel variant at the ANCHORS shapes (bench_scan.py --sweep)
 # Usage (repository root, on a CUDA machine): bash benchmarks/gpu_session.sh [parts, default "1 2 3 4"]
 # A part that fails is reported and the next one still runs; the exit status says whether all passed.
 set -uo pipefail
@@ -42,6 +43,7 @@ for p in $parts; do
        run profile_decode python3 benchmarks/profile_model.py --what decode --preset 353M
        run profile_decode_fused python3 benchmarks/profile_model.py --what decode --preset 353M --fused_block_step ;;
     6) run bench_train python3 benchmarks/bench_train.py --steps 6 --warmup 2 --json "$OUT/train.json" ;;
+    7) run bench_scan_sweep python3 benchmarks/bench_scan.py --quick --sweep --json "$OUT/scan_sweep.json" ;;
   esac
 done
 exit $status
