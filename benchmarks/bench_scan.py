@@ -112,6 +112,9 @@ FWD_VARIANTS = [
     dict(fwd_states=1, fwd_min_blocks=1),
     dict(fwd_states=4, fwd_min_blocks=1),
     dict(fwd_states=2, fwd_min_blocks=4),
+    dict(fwd_sp=0),
+    dict(fwd_sp=2),
+    dict(fwd_sp=4),
 ]
 BWD_VARIANTS = [
     dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0),
@@ -121,12 +124,16 @@ BWD_VARIANTS = [
 ]
 
 
-def sweep_variants(shape):
-    """Forward and forward+backward time of every compiled kernel variant at one shape."""
+# forward-only sweep shapes: the 972M prefill (8,192 bytes) and verification calls from a state
+SWEEP_FWD_SHAPES = [(1, 3584, 8192, 16), (1, 3584, 128, 16), (1, 3584, 16, 16)]
+
+
+def sweep_variants(shape, backward=True):
+    """Forward (and forward+backward) time of every compiled kernel variant at one shape."""
     b, d, L, n = shape
     saved = dict(CB.TUNING)
     rows = []
-    t = scan_inputs(b, d, L, n)
+    t = scan_inputs(b, d, L, n, h0=not backward)
     for v in FWD_VARIANTS:
         CB.TUNING.update(saved)  # a variant names only what it changes from the defaults
         CB.TUNING.update(v)
@@ -136,6 +143,8 @@ def sweep_variants(shape):
         print(json.dumps(rows[-1]), flush=True)
     CB.TUNING.update(saved)
     del t
+    if not backward:
+        return rows
     tg = scan_inputs(b, d, L, n, grad=True)
     leaves = [v for v in tg.values() if v is not None and v.requires_grad]
     dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
@@ -239,6 +248,8 @@ def main(argv=None):
         res["sweep"] = []
         for shape in ANCHOR:
             res["sweep"] += sweep_variants(shape)
+        for shape in SWEEP_FWD_SHAPES:
+            res["sweep"] += sweep_variants(shape, backward=False)
     for shape in ANCHOR:
         for h0 in (False, True):
             r = bench_scan_shape(*shape, h0=h0)

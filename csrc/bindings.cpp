@@ -123,7 +123,7 @@ static void run_scan_bwd(mb::ScanParams& p, int dt, cudaStream_t s) {
 // Returns [out, final_state, chunk_states (empty unless save_states)]. items: time steps per thread (8).
 std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus, const OptT& h0,
-                             bool save_states, int64_t items, int64_t min_blocks, int64_t states) {
+                             bool save_states, int64_t items, int64_t min_blocks, int64_t states, int64_t sp) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
@@ -132,6 +132,8 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
   p.fwd_min_blocks = (int)min_blocks;
   TORCH_CHECK(states == 1 || states == 2 || states == 4, "states must be 1, 2 or 4");
   p.fwd_states = (int)states;
+  TORCH_CHECK(sp == 0 || sp == 2 || sp == 4, "sp must be 0, 2 or 4");
+  p.fwd_sp = (int)sp;
   const int64_t b = p.batch, d = p.dim, n = p.dstate;
   p.h0 = opt_f32(h0, "initial_state", b * d * n);
   Tensor out = at::empty_like(u);

@@ -160,10 +160,12 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
 
 // Stage rows [t_base, t_base + kLen) of the N rows of B and of C (each row L long, rows N apart in
-// memory order n * L) into dst = [2 (B, C)][N][kLen], zero past L. All threads of the block call it.
-template <typename BE, int kLen>
+// memory order n * L) into dst = [2 (B, C)][N][kStride], zero past L. All threads of the block call it.
+// kStride >= kLen (a multiple of 16 bytes) pads the rows apart in shared-memory banks.
+template <typename BE, int kLen, int kStride = kLen>
 __device__ __forceinline__ void stage_bc_rows(BE* dst, const BE* __restrict__ Bb, const BE* __restrict__ Cb, int N,
                                               int L, int t_base, int vecB, int vecC) {
+  static_assert((kStride * sizeof(BE)) % 16 == 0, "rows must stay 16-byte aligned");
   constexpr int kPer = 16 / sizeof(BE);
   constexpr int kVecPerRow = kLen / kPer;
   const int total = 2 * N * kVecPerRow;
@@ -173,7 +175,7 @@ __device__ __forceinline__ void stage_bc_rows(BE* dst, const BE* __restrict__ Bb
     const int which = row >= N;
     const int n = row - which * N;
     const BE* src = (which ? Cb : Bb) + (long)n * L + t_base + v * kPer;
-    BE* d = dst + (long)row * kLen + v * kPer;
+    BE* d = dst + (long)row * kStride + v * kPer;
     const int t = t_base + v * kPer;
     if ((which ? vecC : vecB) && t + kPer <= L) {
       cp_async16(d, src);

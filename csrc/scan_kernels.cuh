@@ -502,6 +502,218 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// State-parallel forward (the default for d_state 16 with variable B and C): lanes own states, not
+// time steps. A group of kLPC = 16 / kS lanes owns one channel, each lane kS of its 16 states, and
+// walks time strictly in order (h = exp(delta A) h + delta u B, one fused multiply-add per step and
+// state, the reference's arithmetic), so there is no per-state warp scan and no second pass. Work per
+// tile of 16 steps:
+//   A. each lane turns 16 / kLPC of its channel's steps into delta (bias, softplus) and delta * u,
+//      shared through a per-warp buffer;
+//   B. each lane advances its kS states over the 16 steps, accumulating C h into 16 partial sums;
+//   C. the kLPC lanes' partial sums meet in shared memory, and each lane finishes (D skip, gate,
+//      store) the same steps it prepared in A.
+// B and C rows are staged per block, kScanChunk steps at a time (cp.async, double-buffered, rows
+// padded apart in banks); the block's channels share one batch element and B / C group. The state at
+// every kScanChunk boundary is saved for the backward pass, as the chunked kernel does.
+constexpr int kSpTile = 16;                    // time steps per tile
+constexpr int kSpWarps = 8;                    // warps per block
+constexpr int kSpStride = kScanChunk + 8;      // staged row stride (elements): 16 bytes of padding
+constexpr int kSpRedStride = kSpTile + 4;      // partial-sum row stride (floats)
+
+template <int kS>
+struct SpShape {
+  static constexpr int kLPC = 16 / kS;               // lanes per channel
+  static constexpr int kCPW = 32 / kLPC;             // channels per warp
+  static constexpr int kCPB = kCPW * kSpWarps;       // channels per block
+  static constexpr int kSteps = kSpTile / kLPC;      // steps each lane prepares / finishes per tile
+};
+
+template <typename E, int K>
+__device__ __forceinline__ void load_few(const E* __restrict__ row, int t, int L, bool vec, E (&v)[K]) {
+  constexpr int kBytes = K * (int)sizeof(E);
+  if (vec && t + K <= L && (kBytes == 4 || kBytes == 8 || kBytes == 16)) {
+    if constexpr (kBytes == 4) *reinterpret_cast<uint32_t*>(v) = __ldg(reinterpret_cast<const unsigned*>(row + t));
+    if constexpr (kBytes == 8) *reinterpret_cast<uint2*>(v) = __ldg(reinterpret_cast<const uint2*>(row + t));
+    if constexpr (kBytes == 16) *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(row + t));
+  } else {
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] = (t + i < L) ? row[t + i] : from_float<E>(0.f);
+  }
+}
+
+// 8 consecutive B or C values of a staged row (16-byte aligned), as floats.
+template <typename BE>
+__device__ __forceinline__ void load_stage8(const BE* src, float (&v)[8]) {
+  alignas(16) BE r[8];
+#pragma unroll
+  for (int k = 0; k < 8 * (int)sizeof(BE) / 16; ++k)
+    reinterpret_cast<uint4*>(r)[k] = reinterpret_cast<const uint4*>(src)[k];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = to_float(r[i]);
+}
+
+template <typename E, int K>
+__device__ __forceinline__ void store_few(E* __restrict__ row, int t, int L, bool vec, const float (&f)[K]) {
+  constexpr int kBytes = K * (int)sizeof(E);
+  alignas(16) E v[K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) v[i] = from_float<E>(f[i]);
+  if (vec && t + K <= L && (kBytes == 4 || kBytes == 8 || kBytes == 16)) {
+    if constexpr (kBytes == 4) *reinterpret_cast<uint32_t*>(row + t) = *reinterpret_cast<const uint32_t*>(v);
+    if constexpr (kBytes == 8) *reinterpret_cast<uint2*>(row + t) = *reinterpret_cast<const uint2*>(v);
+    if constexpr (kBytes == 16) *reinterpret_cast<uint4*>(row + t) = *reinterpret_cast<const uint4*>(v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      if (t + i < L) row[t + i] = v[i];
+  }
+}
+
+template <typename E, typename BE, int kS>
+__global__ void __launch_bounds__(32 * kSpWarps) scan_fwd_sp_kernel(const ScanParams p) {
+  using Sh = SpShape<kS>;
+  constexpr int kLPC = Sh::kLPC, kCPW = Sh::kCPW, kK = Sh::kSteps;
+  constexpr int N = 16;
+  extern __shared__ __align__(16) unsigned char sp_smem[];
+  BE* stage = reinterpret_cast<BE*>(sp_smem);  // [2 buffers][2 (B, C)][N][kSpStride]
+  float* scratch = reinterpret_cast<float*>(sp_smem + 2 * 2 * N * kSpStride * sizeof(BE));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cw = lane / kLPC;         // channel within the warp
+  const int sl = lane % kLPC;         // lane within the channel
+  float* s_dl = scratch + warp * (2 * kCPW * kSpTile + kCPW * kLPC * kSpRedStride);
+  float* s_du = s_dl + kCPW * kSpTile;
+  float* s_red = s_du + kCPW * kSpTile;  // [kCPW][kLPC][kSpRedStride]
+
+  const int ch = blockIdx.x * Sh::kCPB + warp * kCPW + cw;
+  const int bi = blockIdx.y;
+  const int L = p.seqlen;
+  const long bd = (long)bi * p.dim + ch;
+  const long row = bd * L;
+  const E* u = static_cast<const E*>(p.u) + row;
+  const E* dlt = static_cast<const E*>(p.delta) + row;
+  const E* zr = p.z ? static_cast<const E*>(p.z) + row : nullptr;
+  E* out = static_cast<E*>(p.out) + row;
+  const int ch0 = blockIdx.x * Sh::kCPB;  // the block's channels share this B / C group
+  const BE* Bb = static_cast<const BE*>(p.B) + ((long)bi * p.B_groups + ch0 / p.B_cpg) * N * (long)L;
+  const BE* Cb = static_cast<const BE*>(p.C) + ((long)bi * p.C_groups + ch0 / p.C_cpg) * N * (long)L;
+
+  float h[kS], a2[kS];
+#pragma unroll
+  for (int j = 0; j < kS; ++j) {
+    const int n = sl + kLPC * j;
+    h[j] = p.h0 ? p.h0[bd * N + n] : 0.f;
+    a2[j] = p.A[(long)ch * N + n] * kLog2e;
+  }
+  const float Dv = p.D ? p.D[ch] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[ch] : 0.f;
+  const int n_stages = (L + kScanChunk - 1) / kScanChunk;
+
+  stage_bc_rows<BE, kScanChunk, kSpStride>(stage, Bb, Cb, N, L, 0, p.B_vec, p.C_vec);
+  cp_async_commit();
+  // this lane's steps of the next tile, loaded one tile ahead
+  E nu[kK], nd[kK];
+  load_few<E, kK>(u, sl * kK, L, p.in_vec, nu);
+  load_few<E, kK>(dlt, sl * kK, L, p.in_vec, nd);
+
+  for (int sg = 0; sg < n_stages; ++sg) {
+    if (sg + 1 < n_stages)
+      stage_bc_rows<BE, kScanChunk, kSpStride>(stage + ((sg + 1) & 1) * 2 * N * kSpStride, Bb, Cb, N, L,
+                                               (sg + 1) * kScanChunk, p.B_vec, p.C_vec);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (p.chunk_states) {
+#pragma unroll
+      for (int j = 0; j < kS; ++j) p.chunk_states[(bd * p.n_save + sg) * N + sl + kLPC * j] = h[j];
+    }
+    const BE* sB = stage + (sg & 1) * 2 * N * kSpStride;
+    const BE* sC = sB + N * kSpStride;
+    const int t_end = min(L, (sg + 1) * kScanChunk);
+    for (int tt = sg * kScanChunk; tt < t_end; tt += kSpTile) {
+      // A. this lane's kK steps: delta (bias, softplus, 0 past L) and delta * u
+      const int tm = tt + sl * kK;
+      E cu[kK], zz[kK];
+      float dl[kK];
+#pragma unroll
+      for (int i = 0; i < kK; ++i) {
+        cu[i] = nu[i];
+        float d = to_float(nd[i]) + bias;
+        if (p.softplus) d = softplus_f(d);
+        dl[i] = (tm + i < L) ? d : 0.f;
+      }
+      if (tt + kSpTile < L) {
+        load_few<E, kK>(u, tm + kSpTile, L, p.in_vec, nu);
+        load_few<E, kK>(dlt, tm + kSpTile, L, p.in_vec, nd);
+      }
+      if (zr) load_few<E, kK>(zr, tm, L, p.in_vec, zz);
+#pragma unroll
+      for (int i = 0; i < kK; ++i) {
+        s_dl[cw * kSpTile + sl * kK + i] = dl[i];
+        s_du[cw * kSpTile + sl * kK + i] = dl[i] * to_float(cu[i]);
+      }
+      __syncwarp();
+      // B. kS states over the tile's 16 steps
+      float part[kSpTile];
+      const int to = tt - sg * kScanChunk;  // offset in the stage
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float dlh[8], duh[8];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const float4 a = *reinterpret_cast<const float4*>(s_dl + cw * kSpTile + half * 8 + q * 4);
+          const float4 b = *reinterpret_cast<const float4*>(s_du + cw * kSpTile + half * 8 + q * 4);
+          dlh[4 * q] = a.x; dlh[4 * q + 1] = a.y; dlh[4 * q + 2] = a.z; dlh[4 * q + 3] = a.w;
+          duh[4 * q] = b.x; duh[4 * q + 1] = b.y; duh[4 * q + 2] = b.z; duh[4 * q + 3] = b.w;
+        }
+#pragma unroll
+        for (int j = 0; j < kS; ++j) {
+          const int n = sl + kLPC * j;
+          float Bv[8], Cv[8];
+          load_stage8<BE>(sB + n * kSpStride + to + half * 8, Bv);
+          load_stage8<BE>(sC + n * kSpStride + to + half * 8, Cv);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            h[j] = fmaf(exp2f(dlh[i] * a2[j]), h[j], duh[i] * Bv[i]);
+            part[half * 8 + i] = j == 0 ? h[j] * Cv[i] : fmaf(h[j], Cv[i], part[half * 8 + i]);
+          }
+        }
+      }
+      // C. sum the channel's kLPC partials; finish this lane's kK steps
+      float* red = s_red + (cw * kLPC + sl) * kSpRedStride;
+#pragma unroll
+      for (int q = 0; q < kSpTile / 4; ++q)
+        *reinterpret_cast<float4*>(red + 4 * q) = make_float4(part[4 * q], part[4 * q + 1], part[4 * q + 2], part[4 * q + 3]);
+      __syncwarp();
+      float y[kK];
+#pragma unroll
+      for (int i = 0; i < kK; ++i) y[i] = 0.f;
+#pragma unroll
+      for (int l = 0; l < kLPC; ++l) {
+        const float* src = s_red + (cw * kLPC + l) * kSpRedStride + sl * kK;
+#pragma unroll
+        for (int i = 0; i < kK; ++i) y[i] += src[i];
+      }
+#pragma unroll
+      for (int i = 0; i < kK; ++i) {
+        float o = fmaf(Dv, to_float(cu[i]), y[i]);
+        if (zr) {
+          const float zv = to_float(zz[i]);
+          o *= zv * sigmoid_f(zv);
+        }
+        y[i] = o;
+      }
+      store_few<E, kK>(out, tm, L, p.in_vec, y);
+      __syncwarp();  // the buffers are rewritten by the next tile
+    }
+    __syncthreads();  // everyone is done with this stage before it is refilled
+  }
+  if (p.final_state) {
+#pragma unroll
+    for (int j = 0; j < kS; ++j) p.final_state[bd * N + sl + kLPC * j] = h[j];
+  }
+}
+
 inline int scan_warps_per_block(const ScanParams& p, int want) {
   // the channels of one block must share their B / C group (the backward sums dB / dC over them)
   for (int w = want; w >= 2; w >>= 1) {
@@ -520,6 +732,21 @@ inline bool scan_can_stage(const ScanParams& p, int chunk) {
 template <typename K>
 inline void scan_smem_attr(K kernel, size_t sm) {
   if (sm > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+}
+
+// Launches the state-parallel forward if the shapes allow it (d_state 16, variable B and C, the
+// block's channels in one B / C group); returns false otherwise.
+template <typename E, typename BE, int kS>
+bool scan_fwd_sp_go(ScanParams& p, cudaStream_t s) {
+  using Sh = SpShape<kS>;
+  if (p.dstate != 16 || !p.B_var || !p.C_var) return false;
+  if (p.dim % Sh::kCPB || p.B_cpg % Sh::kCPB || p.C_cpg % Sh::kCPB) return false;
+  const size_t sm = 2 * 2 * 16 * (size_t)kSpStride * sizeof(BE) +
+                    sizeof(float) * kSpWarps * (2 * Sh::kCPW * kSpTile + 32 * kSpRedStride);
+  scan_smem_attr(scan_fwd_sp_kernel<E, BE, kS>, sm);
+  dim3 grid(p.dim / Sh::kCPB, p.batch);
+  scan_fwd_sp_kernel<E, BE, kS><<<grid, 32 * kSpWarps, sm, s>>>(p);
+  return true;
 }
 
 template <typename E, typename BE, int kT, int kMinBlocks, int kNP>
@@ -542,6 +769,8 @@ void scan_fwd_go(ScanParams& p, cudaStream_t s) {
 // thread measured 1.28x slower on an H100, 2026-11-23, and is no longer compiled.)
 template <typename E, typename BE>
 void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
+  if (p.fwd_sp == 2 && scan_fwd_sp_go<E, BE, 2>(p, s)) return;
+  if (p.fwd_sp == 4 && scan_fwd_sp_go<E, BE, 4>(p, s)) return;
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
     if (p.fwd_states == 1) return scan_fwd_go<E, BE, 8, 1, 1>(p, s);
     if (p.fwd_states == 4) return scan_fwd_go<E, BE, 8, 1, 4>(p, s);

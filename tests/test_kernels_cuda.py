@@ -180,6 +180,77 @@ def test_scan_resume_chains(segments, poison):
     assert rel(state, fin) < 1e-5
 
 
+# The state-parallel forward (TUNING["fwd_sp"] = states per lane) runs for d_state 16 with variable B
+# and C when a block's 32 (sp 2) or 64 (sp 4) channels share a B / C group: these shapes take it.
+SP_CASES = [
+    # (b, d, L, bc, g, z, D, bias, h0)
+    (2, 64, 1, "var", 1, True, True, True, True),
+    (1, 64, 15, "var", 1, False, False, False, False),
+    (2, 64, 17, "var", 1, True, True, True, True),
+    (1, 128, 256, "group", 2, True, False, True, True),
+    (2, 64, 257, "var", 1, False, True, False, True),
+    (1, 64, 1100, "var", 1, True, True, True, False),
+]
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", SP_CASES, ids=[f"b{c[0]}d{c[1]}L{c[2]}-{c[3]}{c[4]}-z{int(c[5])}D{int(c[6])}bias{int(c[7])}h{int(c[8])}" for c in SP_CASES])
+def test_scan_state_parallel(case, dtype, sp, poison, monkeypatch):
+    """Forward parity, resume across odd cuts, and all gradients (the backward reads its chunk states)."""
+    _ext_ok()
+    monkeypatch.setitem(CB.TUNING, "fwd_sp", sp)
+    b, d, L, bc, g, z, D, bias, h0 = case
+    kw = make_scan(b, d, L, 16, dtype, bc, g, z, D, bias, h0)
+    out, fin = run_cuda(kw)
+    ro, rf = run_ref64(kw)
+    assert rel(out, ro) < TOL[dtype]
+    assert rel(fin, rf) < (TOL[dtype] if dtype == torch.float32 else 2e-3)
+    if L > 2:
+        cut = L // 3 + 1
+        o1, f1 = run_cuda(_slice(kw, 0, cut, L))
+        part = _slice(kw, cut, L, L)
+        part["initial_state"] = f1
+        o2, f2 = run_cuda(part)
+        assert rel(torch.cat([o1, o2], -1), out) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel(f2, fin) < 1e-5
+    if dtype == torch.float16:
+        return
+    leaves = {k: kw[k].detach().clone().requires_grad_(True) for k in NAMES if kw[k] is not None}
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    dout = torch.randn(b, d, L, device=DEV).to(dtype)
+    dfin = torch.randn(b, d, 16, device=DEV)
+    out, fin = run_cuda(dict(kw, **leaves))
+    ((out.float() * dout.float()).sum() + (fin * dfin).sum()).backward()
+    k64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ro, rf = R.selective_scan_ref(**dict(k64, **leaves64), return_final_state=True)
+    ((ro * dout.double()).sum() + (rf * dfin.double()).sum()).backward()
+    for k in leaves:
+        err = rel(leaves[k].grad, leaves64[k].grad)
+        assert err < GRAD_TOL[dtype], f"d{k}: rel err {err:.2e}"
+
+
+def test_scan_state_parallel_fp32_bc_and_8492(poison, monkeypatch):
+    """bf16 inputs with fp32 B / C, and the paper's 8,492-byte resume check, on the state-parallel path."""
+    _ext_ok()
+    for sp in (2, 4):
+        monkeypatch.setitem(CB.TUNING, "fwd_sp", sp)
+        kw = make_scan(2, 64, 333, 16, torch.bfloat16, "var", bc_dtype=torch.float32)
+        out, fin = run_cuda(kw)
+        ro, rf = run_ref64(kw)
+        assert rel(out, ro) < TOL[torch.bfloat16] and rel(fin, rf) < 2e-3
+        L = 8492
+        kw = make_scan(1, 64, L, 16, torch.float32, "var")
+        out, fin = run_cuda(kw)
+        ro, rf = run_ref64(kw)
+        assert rel(out, ro) < 1e-4 and rel(fin, rf) < 1e-4
+        o1, f1 = run_cuda(_slice(kw, 0, L // 2, L))
+        part = _slice(kw, L // 2, L, L)
+        part["initial_state"] = f1
+        o2, f2 = run_cuda(part)
+        assert rel(torch.cat([o1, o2], -1), out) < 1e-5 and rel(f2, fin) < 1e-5
+
+
 GRAD_CASES = [
     # (b, d, L, n, bc, g, z, D, bias, h0)
     (2, 8, 1, 16, "var", 1, True, True, True, True),
@@ -386,10 +457,13 @@ VARIANTS = [
     dict(fwd_states=2, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1),
+    dict(fwd_sp=2),
+    dict(fwd_sp=4),
+    dict(fwd_sp=0),
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "s{fwd_states}f{fwd_min_blocks}w{bwd_warps}b{bwd_min_blocks}l{bwd_lane_acc}".format(**v))
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}{x}" for k, x in sorted(v.items())))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_scan_variants(variant, dtype, poison, monkeypatch):
     """Every compiled kernel variant: forward, resume across an odd cut, and all gradients."""

@@ -45,7 +45,9 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # (8); fwd_states: states per n iteration of the forward where B / C are staged in shared memory
 # (1, 2 or 4); fwd_min_blocks: 1, or 4 to cap the forward's registers at 128; bwd_warps: channels
 # per block in the backward (4 or 8); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128;
-# bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state.
+# bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state;
+# fwd_sp: 2 or 4 runs the forward with lanes over states (that many states a lane; d_state 16 with
+# variable B / C), 0 the chunked forward (lanes over time steps).
 TUNING = {
     "items": int(os.environ.get("MAMBABYTE_SCAN_ITEMS", "8")),
     "fwd_states": int(os.environ.get("MAMBABYTE_SCAN_FWD_STATES", "2")),
@@ -53,6 +55,7 @@ TUNING = {
     "bwd_warps": int(os.environ.get("MAMBABYTE_SCAN_BWD_WARPS", "8")),
     "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "2")),
     "bwd_lane_acc": int(os.environ.get("MAMBABYTE_SCAN_BWD_LANE_ACC", "0")),
+    "fwd_sp": int(os.environ.get("MAMBABYTE_SCAN_FWD_SP", "0")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
@@ -177,7 +180,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         out, fin, cs = _ext().scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True,
-            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"],
+            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"], TUNING["fwd_sp"],
         )
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = initial_state is not None
@@ -261,7 +264,7 @@ def selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     else:
         out, fin, _ = _ext().scan_fwd(
             *args[:8], bool(delta_softplus), args[8], False,
-            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"],
+            TUNING["items"], TUNING["fwd_min_blocks"], TUNING["fwd_states"], TUNING["fwd_sp"],
         )
     out = out.to(u.dtype)
     return (out, fin) if return_final_state else out
