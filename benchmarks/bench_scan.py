@@ -107,14 +107,13 @@ def bench_scan_shape(b, d, L, n, h0=False):
     )
 
 
-FWD_VARIANTS = [
-    dict(fwd_states=2, fwd_min_blocks=1),
-    dict(fwd_states=1, fwd_min_blocks=1),
-    dict(fwd_states=4, fwd_min_blocks=1),
-    dict(fwd_states=2, fwd_min_blocks=4),
-    dict(fwd_sp=0),
-    dict(fwd_sp=2),
-    dict(fwd_sp=4),
+FWD_VARIANTS = [  # fwd_sp: -1 auto (the default), 0 the chunked kernel, 1 the state-parallel one
+    dict(fwd_sp=-1),
+    dict(fwd_sp=1),
+    dict(fwd_sp=0, fwd_states=2, fwd_min_blocks=1),
+    dict(fwd_sp=0, fwd_states=1, fwd_min_blocks=1),
+    dict(fwd_sp=0, fwd_states=4, fwd_min_blocks=1),
+    dict(fwd_sp=0, fwd_states=2, fwd_min_blocks=4),
 ]
 BWD_VARIANTS = [
     dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0),

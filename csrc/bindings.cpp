@@ -132,7 +132,7 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
   p.fwd_min_blocks = (int)min_blocks;
   TORCH_CHECK(states == 1 || states == 2 || states == 4, "states must be 1, 2 or 4");
   p.fwd_states = (int)states;
-  TORCH_CHECK(sp == 0 || sp == 2 || sp == 4, "sp must be 0, 2 or 4");
+  TORCH_CHECK(sp == -1 || sp == 0 || sp == 1, "sp must be -1 (auto), 0 or 1");
   p.fwd_sp = (int)sp;
   const int64_t b = p.batch, d = p.dim, n = p.dstate;
   p.h0 = opt_f32(h0, "initial_state", b * d * n);

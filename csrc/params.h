@@ -18,7 +18,7 @@ struct ScanParams {
   int bwd_warps = 4;  // backward: channels per block (4 or 8)
   int fwd_min_blocks = 1, bwd_min_blocks = 1;  // register-cap variants (see scan_kernels.cuh)
   int fwd_states = 2;  // forward: states per n iteration where B / C are staged (1, 2 or 4)
-  int fwd_sp = 0;      // forward: states per lane of the state-parallel kernel (2 or 4; 0: chunked)
+  int fwd_sp = -1;     // forward: the state-parallel kernel: 0 never, 1 where it applies, -1 auto
   int bwd_lane_acc = 0;  // backward (staged): per-lane dA partials in shared memory
   int B_var = 0, C_var = 0;   // 1: (b, g, n, L); 0: (d, n)
   int B_cpg = 1, C_cpg = 1;   // channels per group (d / g) for variable B / C

@@ -514,10 +514,12 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
 //   C. the kLPC lanes' partial sums meet in shared memory, and each lane finishes (D skip, gate,
 //      store) the same steps it prepared in A.
 // B and C rows are staged per block, kScanChunk steps at a time (cp.async, double-buffered, rows
-// padded apart in banks); the block's channels share one batch element and B / C group. The state at
-// every kScanChunk boundary is saved for the backward pass, as the chunked kernel does.
+// padded apart in banks); the block's 1-8 warps' channels share one batch element and B / C group.
+// The state at every kScanChunk boundary is saved for the backward pass, as the chunked kernel does.
+// Its parallelism is (batch x channels / 8) warps, each walking all L steps, so it wins where that is
+// large (training batches) or L is short (verification from a state), and the chunked kernel, which
+// also splits time across lanes, wins for one long sequence (prefill); see scan_fwd_use_sp.
 constexpr int kSpTile = 16;                    // time steps per tile
-constexpr int kSpWarps = 8;                    // warps per block
 constexpr int kSpStride = kScanChunk + 8;      // staged row stride (elements): 16 bytes of padding
 constexpr int kSpRedStride = kSpTile + 4;      // partial-sum row stride (floats)
 
@@ -525,7 +527,6 @@ template <int kS>
 struct SpShape {
   static constexpr int kLPC = 16 / kS;               // lanes per channel
   static constexpr int kCPW = 32 / kLPC;             // channels per warp
-  static constexpr int kCPB = kCPW * kSpWarps;       // channels per block
   static constexpr int kSteps = kSpTile / kLPC;      // steps each lane prepares / finishes per tile
 };
 
@@ -571,21 +572,22 @@ __device__ __forceinline__ void store_few(E* __restrict__ row, int t, int L, boo
 }
 
 template <typename E, typename BE, int kS>
-__global__ void __launch_bounds__(32 * kSpWarps) scan_fwd_sp_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(256) scan_fwd_sp_kernel(const ScanParams p) {
   using Sh = SpShape<kS>;
   constexpr int kLPC = Sh::kLPC, kCPW = Sh::kCPW, kK = Sh::kSteps;
   constexpr int N = 16;
   extern __shared__ __align__(16) unsigned char sp_smem[];
   BE* stage = reinterpret_cast<BE*>(sp_smem);  // [2 buffers][2 (B, C)][N][kSpStride]
   float* scratch = reinterpret_cast<float*>(sp_smem + 2 * 2 * N * kSpStride * sizeof(BE));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int cpb = nwarps * kCPW;  // channels per block
   const int cw = lane / kLPC;         // channel within the warp
   const int sl = lane % kLPC;         // lane within the channel
   float* s_dl = scratch + warp * (2 * kCPW * kSpTile + kCPW * kLPC * kSpRedStride);
   float* s_du = s_dl + kCPW * kSpTile;
   float* s_red = s_du + kCPW * kSpTile;  // [kCPW][kLPC][kSpRedStride]
 
-  const int ch = blockIdx.x * Sh::kCPB + warp * kCPW + cw;
+  const int ch = blockIdx.x * cpb + warp * kCPW + cw;
   const int bi = blockIdx.y;
   const int L = p.seqlen;
   const long bd = (long)bi * p.dim + ch;
@@ -594,7 +596,7 @@ __global__ void __launch_bounds__(32 * kSpWarps) scan_fwd_sp_kernel(const ScanPa
   const E* dlt = static_cast<const E*>(p.delta) + row;
   const E* zr = p.z ? static_cast<const E*>(p.z) + row : nullptr;
   E* out = static_cast<E*>(p.out) + row;
-  const int ch0 = blockIdx.x * Sh::kCPB;  // the block's channels share this B / C group
+  const int ch0 = blockIdx.x * cpb;  // the block's channels share this B / C group
   const BE* Bb = static_cast<const BE*>(p.B) + ((long)bi * p.B_groups + ch0 / p.B_cpg) * N * (long)L;
   const BE* Cb = static_cast<const BE*>(p.C) + ((long)bi * p.C_groups + ch0 / p.C_cpg) * N * (long)L;
 
@@ -734,19 +736,44 @@ inline void scan_smem_attr(K kernel, size_t sm) {
   if (sm > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
 }
 
-// Launches the state-parallel forward if the shapes allow it (d_state 16, variable B and C, the
-// block's channels in one B / C group); returns false otherwise.
-template <typename E, typename BE, int kS>
-bool scan_fwd_sp_go(ScanParams& p, cudaStream_t s) {
+inline int scan_sm_count() {
+  static int counts[64] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return 132;
+  if (!counts[dev]) cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev);
+  return counts[dev] > 0 ? counts[dev] : 132;
+}
+
+// Where the state-parallel forward runs (p.fwd_sp: 0 never, 1 wherever the shapes allow it, -1 auto):
+// d_state 16 with variable B and C, and in auto mode where its parallelism beats splitting time,
+// i.e. short sequences (one stage of kScanChunk steps or less) or >= 1,024 warps of channels.
+inline bool scan_fwd_use_sp(const ScanParams& p) {
+  if (p.fwd_sp == 0 || p.dstate != 16 || !p.B_var || !p.C_var) return false;
+  constexpr int kCPW = SpShape<4>::kCPW;
+  if (p.dim % kCPW || p.B_cpg % kCPW || p.C_cpg % kCPW) return false;
+  if (p.fwd_sp == 1) return true;
+  return p.seqlen <= kScanChunk || (long)p.batch * p.dim >= 1024L * kCPW;
+}
+
+// Launches the state-parallel forward with 8, 4, 2 or 1 warps a block: the most that still gives
+// two blocks an SM (or the fewest blocks that divide the channels and B / C groups).
+template <typename E, typename BE>
+void scan_fwd_sp_go(ScanParams& p, cudaStream_t s) {
+  constexpr int kS = 4;
   using Sh = SpShape<kS>;
-  if (p.dstate != 16 || !p.B_var || !p.C_var) return false;
-  if (p.dim % Sh::kCPB || p.B_cpg % Sh::kCPB || p.C_cpg % Sh::kCPB) return false;
+  auto fits = [&](int nw) {
+    const int cpb = nw * Sh::kCPW;
+    return p.dim % cpb == 0 && p.B_cpg % cpb == 0 && p.C_cpg % cpb == 0;
+  };
+  const long want = 2L * scan_sm_count();
+  int nw = 8;
+  while (nw > 1 && (!fits(nw) || (long)p.batch * (p.dim / (nw * Sh::kCPW)) < want)) nw >>= 1;
   const size_t sm = 2 * 2 * 16 * (size_t)kSpStride * sizeof(BE) +
-                    sizeof(float) * kSpWarps * (2 * Sh::kCPW * kSpTile + 32 * kSpRedStride);
+                    sizeof(float) * nw * (2 * Sh::kCPW * kSpTile + 32 * kSpRedStride);
   scan_smem_attr(scan_fwd_sp_kernel<E, BE, kS>, sm);
-  dim3 grid(p.dim / Sh::kCPB, p.batch);
-  scan_fwd_sp_kernel<E, BE, kS><<<grid, 32 * kSpWarps, sm, s>>>(p);
-  return true;
+  dim3 grid(p.dim / (nw * Sh::kCPW), p.batch);
+  scan_fwd_sp_kernel<E, BE, kS><<<grid, 32 * nw, sm, s>>>(p);
 }
 
 template <typename E, typename BE, int kT, int kMinBlocks, int kNP>
@@ -769,8 +796,7 @@ void scan_fwd_go(ScanParams& p, cudaStream_t s) {
 // thread measured 1.28x slower on an H100, 2026-11-23, and is no longer compiled.)
 template <typename E, typename BE>
 void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
-  if (p.fwd_sp == 2 && scan_fwd_sp_go<E, BE, 2>(p, s)) return;
-  if (p.fwd_sp == 4 && scan_fwd_sp_go<E, BE, 4>(p, s)) return;
+  if (scan_fwd_use_sp(p)) return scan_fwd_sp_go<E, BE>(p, s);
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
     if (p.fwd_states == 1) return scan_fwd_go<E, BE, 8, 1, 1>(p, s);
     if (p.fwd_states == 4) return scan_fwd_go<E, BE, 8, 1, 4>(p, s);

@@ -180,8 +180,8 @@ def test_scan_resume_chains(segments, poison):
     assert rel(state, fin) < 1e-5
 
 
-# The state-parallel forward (TUNING["fwd_sp"] = states per lane) runs for d_state 16 with variable B
-# and C when a block's 32 (sp 2) or 64 (sp 4) channels share a B / C group: these shapes take it.
+# The state-parallel forward (TUNING["fwd_sp"] = 1: wherever it applies) runs for d_state 16 with
+# variable B and C, 8 channels a warp, 1-8 warps a block of one B / C group: these shapes take it.
 SP_CASES = [
     # (b, d, L, bc, g, z, D, bias, h0)
     (2, 64, 1, "var", 1, True, True, True, True),
@@ -193,7 +193,7 @@ SP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("sp", [2, 4])
+@pytest.mark.parametrize("sp", [1, -1], ids=["forced", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", SP_CASES, ids=[f"b{c[0]}d{c[1]}L{c[2]}-{c[3]}{c[4]}-z{int(c[5])}D{int(c[6])}bias{int(c[7])}h{int(c[8])}" for c in SP_CASES])
 def test_scan_state_parallel(case, dtype, sp, poison, monkeypatch):
@@ -233,7 +233,7 @@ def test_scan_state_parallel(case, dtype, sp, poison, monkeypatch):
 def test_scan_state_parallel_fp32_bc_and_8492(poison, monkeypatch):
     """bf16 inputs with fp32 B / C, and the paper's 8,492-byte resume check, on the state-parallel path."""
     _ext_ok()
-    for sp in (2, 4):
+    for sp in (1, 0):
         monkeypatch.setitem(CB.TUNING, "fwd_sp", sp)
         kw = make_scan(2, 64, 333, 16, torch.bfloat16, "var", bc_dtype=torch.float32)
         out, fin = run_cuda(kw)
@@ -457,8 +457,7 @@ VARIANTS = [
     dict(fwd_states=2, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1),
-    dict(fwd_sp=2),
-    dict(fwd_sp=4),
+    dict(fwd_sp=1),
     dict(fwd_sp=0),
 ]
 

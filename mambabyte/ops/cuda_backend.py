@@ -46,8 +46,8 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # (1, 2 or 4); fwd_min_blocks: 1, or 4 to cap the forward's registers at 128; bwd_warps: channels
 # per block in the backward (4 or 8); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128;
 # bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state;
-# fwd_sp: 2 or 4 runs the forward with lanes over states (that many states a lane; d_state 16 with
-# variable B / C), 0 the chunked forward (lanes over time steps).
+# fwd_sp: the forward with lanes over states (d_state 16, variable B / C): -1 where it is faster
+# (training batches, sequences of <= 256 steps), 1 wherever it applies, 0 never (lanes over time).
 TUNING = {
     "items": int(os.environ.get("MAMBABYTE_SCAN_ITEMS", "8")),
     "fwd_states": int(os.environ.get("MAMBABYTE_SCAN_FWD_STATES", "2")),
@@ -55,7 +55,7 @@ TUNING = {
     "bwd_warps": int(os.environ.get("MAMBABYTE_SCAN_BWD_WARPS", "8")),
     "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "2")),
     "bwd_lane_acc": int(os.environ.get("MAMBABYTE_SCAN_BWD_LANE_ACC", "0")),
-    "fwd_sp": int(os.environ.get("MAMBABYTE_SCAN_FWD_SP", "0")),
+    "fwd_sp": int(os.environ.get("MAMBABYTE_SCAN_FWD_SP", "-1")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
