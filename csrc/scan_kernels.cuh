@@ -26,6 +26,7 @@
 #include "common.cuh"
 #include "params.h"
 
+#include <algorithm>
 #include <type_traits>
 
 namespace mambabyte {
@@ -212,8 +213,10 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
 }
 
 // kMinBlocks = 2 caps registers at 128 (some spills) for twice the resident warps.
-template <typename E, typename BE, int kMinBlocks, bool kStage>
-__global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanParams p) {
+// kXS: states whose dB / dC contributions share one exchange (one barrier per kXS states).
+// kThreads: the most threads a block may have (512 for 16 channels a block).
+template <typename E, typename BE, int kMinBlocks, bool kStage, int kXS = 1, int kThreads = 256>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const ScanParams p) {
   constexpr int kT = kScanItems;
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31;
@@ -224,13 +227,14 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
   const int L = p.seqlen, N = p.dstate;
   const bool red = p.B_var || p.C_var;  // block-level reduction of variable dB / dC
   // shared: [nwarps][N] reverse carry, [nwarps][N] x3 per-channel sums,
-  // then (16-byte aligned) [2 buffers][2 (B, C)][nwarps][kScanChunk] exchange for dB / dC
+  // then (16-byte aligned) [2 buffers][kXS states][2 (B, C)][nwarps][kScanChunk] exchange for dB / dC
   float* carry = smem + warp * N;
   float* accA = smem + nwarps * N + warp * N;
   float* accB = smem + 2 * nwarps * N + warp * N;
   float* accC = smem + 3 * nwarps * N + warp * N;
   float* xch0 = smem + ((4 * nwarps * N + 3) & ~3);
-  BE* stage = reinterpret_cast<BE*>(xch0 + 4 * nwarps * kScanChunk);  // [2][2][N][kScanChunk] when kStage
+  const int xstride = 2 * nwarps * kScanChunk;  // one state's exchange
+  BE* stage = reinterpret_cast<BE*>(xch0 + 2 * kXS * xstride);  // [2][2][N][kScanChunk] when kStage
   // per-lane dA partials [nwarps][N][32] (staged launches with p.bwd_lane_acc): no warp reduction per n
   const bool lane_acc = kStage && p.bwd_lane_acc;
   float* laneA = reinterpret_cast<float*>(stage + 2 * 2 * N * kScanChunk) + (long)warp * N * 32 + lane;
@@ -425,9 +429,9 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
         if (!p.C_var) accC[n] += gC;
       }
       if (red) {
-        // double-buffered exchange: one barrier per state index
-        float* xch = xch0 + buf * (2 * nwarps * kScanChunk);
-        buf ^= 1;
+        // double-buffered exchange: one barrier per kXS state indices
+        const int slot = n % kXS;
+        float* xch = xch0 + (buf * kXS + slot) * xstride;
         if (p.B_var) {
           float4* xB = reinterpret_cast<float4*>(xch + warp * kScanChunk + lane * kT);
 #pragma unroll
@@ -438,21 +442,26 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
 #pragma unroll
           for (int j = 0; j < kT / 4; ++j) xC[j] = make_float4(vC[4 * j], vC[4 * j + 1], vC[4 * j + 2], vC[4 * j + 3]);
         }
+        if (slot == kXS - 1 || n == N - 1) {
+        const float* xb = xch0 + buf * kXS * xstride;
+        const int n0 = n - slot;  // the first state of this exchange
+        buf ^= 1;
         __syncthreads();
         // sum the block's channels, 4 consecutive positions per thread, one vector atomic each
-        for (int q4 = threadIdx.x; q4 < 2 * kScanChunk / 4; q4 += blockDim.x) {
-          const int which = (q4 * 4) / kScanChunk;  // 0: B, 1: C
+        for (int q4 = threadIdx.x; q4 < (slot + 1) * 2 * kScanChunk / 4; q4 += blockDim.x) {
+          const int j = (q4 * 4) / (2 * kScanChunk);        // state n0 + j
+          const int which = (q4 * 4) / kScanChunk - 2 * j;  // 0: B, 1: C
           const int pos = (q4 * 4) % kScanChunk;
           if (which == 0 ? !p.B_var : !p.C_var) continue;
           float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
           for (int w = 0; w < nwarps; ++w) {
-            const float4 v = *reinterpret_cast<const float4*>(xch + (which * nwarps + w) * kScanChunk + pos);
+            const float4 v = *reinterpret_cast<const float4*>(xb + j * xstride + (which * nwarps + w) * kScanChunk + pos);
             s4.x += v.x;
             s4.y += v.y;
             s4.z += v.z;
             s4.w += v.w;
           }
-          float* dst = (which == 0 ? p.dB + (Bg + n) * (long)p.Lpad : p.dC + (Cg + n) * (long)p.Lpad) +
+          float* dst = (which == 0 ? p.dB + (Bg + n0 + j) * (long)p.Lpad : p.dC + (Cg + n0 + j) * (long)p.Lpad) +
                        c * kScanChunk + pos;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
           atomicAdd(reinterpret_cast<float4*>(dst), s4);
@@ -462,6 +471,7 @@ __global__ void __launch_bounds__(256, kMinBlocks) scan_bwd_kernel(const ScanPar
           atomicAdd(dst + 2, s4.z);
           atomicAdd(dst + 3, s4.w);
 #endif
+        }
         }
       }
     }
@@ -747,13 +757,15 @@ inline int scan_sm_count() {
 
 // Where the state-parallel forward runs (p.fwd_sp: 0 never, 1 wherever the shapes allow it, -1 auto):
 // d_state 16 with variable B and C, and in auto mode where its parallelism beats splitting time,
-// i.e. short sequences (one stage of kScanChunk steps or less) or >= 1,024 warps of channels.
+// i.e. short sequences (one stage of kScanChunk steps or less) or at least a warp of channels for
+// each of the GPU's warp schedulers (4 an SM). On an H100: (2, 3072, 8192) and (8, 2048, 2048) take
+// it; one 3584-channel sequence of 8,192 steps (448 warps) is faster split over time.
 inline bool scan_fwd_use_sp(const ScanParams& p) {
   if (p.fwd_sp == 0 || p.dstate != 16 || !p.B_var || !p.C_var) return false;
   constexpr int kCPW = SpShape<4>::kCPW;
   if (p.dim % kCPW || p.B_cpg % kCPW || p.C_cpg % kCPW) return false;
   if (p.fwd_sp == 1) return true;
-  return p.seqlen <= kScanChunk || (long)p.batch * p.dim >= 1024L * kCPW;
+  return p.seqlen <= kScanChunk || (long)p.batch * p.dim / kCPW >= 4L * scan_sm_count();
 }
 
 // Launches the state-parallel forward with 8, 4, 2 or 1 warps a block: the most that still gives
@@ -806,26 +818,35 @@ void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
   scan_fwd_go<E, BE, 8, 1, 2>(p, s);
 }
 
-template <typename E, typename BE, int kMinBlocks>
+template <typename E, typename BE, int kMinBlocks, int kXS = 1, int kThreads = 256>
 void scan_bwd_go(ScanParams& p, cudaStream_t s) {
-  const int nw = scan_warps_per_block(p, p.bwd_warps == 8 ? 8 : 4);
+  const int nw = scan_warps_per_block(p, std::min(kThreads / 32, p.bwd_warps >= 16 ? 16 : p.bwd_warps == 8 ? 8 : 4));
   dim3 grid(p.dim / nw, p.batch);
-  const size_t base = sizeof(float) * (((4 * nw * p.dstate + 3) & ~3) + 4 * nw * kScanChunk);
+  const size_t base = sizeof(float) * (((4 * nw * p.dstate + 3) & ~3) + 4 * kXS * nw * kScanChunk);
   if (scan_can_stage<BE>(p, kScanChunk)) {
     const size_t sm = base + 2 * 2 * (size_t)p.dstate * kScanChunk * sizeof(BE) +
                       (p.bwd_lane_acc ? sizeof(float) * nw * p.dstate * 32 : 0);
-    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true>, sm);
-    scan_bwd_kernel<E, BE, kMinBlocks, true><<<grid, nw * 32, sm, s>>>(p);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true, kXS, kThreads>, sm);
+    scan_bwd_kernel<E, BE, kMinBlocks, true, kXS, kThreads><<<grid, nw * 32, sm, s>>>(p);
   } else {
-    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, false>, base);
-    scan_bwd_kernel<E, BE, kMinBlocks, false><<<grid, nw * 32, base, s>>>(p);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, false, kXS, kThreads>, base);
+    scan_bwd_kernel<E, BE, kMinBlocks, false, kXS, kThreads><<<grid, nw * 32, base, s>>>(p);
   }
 }
 
+// Tuning variants (16-bit inputs with B / C in the same dtype): bwd_warps 4 / 8 / 16 channels a
+// block, bwd_min_blocks 2 (registers capped at 128), bwd_xs 2 (two states an exchange).
 template <typename E, typename BE>
 void scan_bwd_launch(ScanParams& p, cudaStream_t s) {
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
-    if (p.bwd_min_blocks == 2) return scan_bwd_go<E, BE, 2>(p, s);
+    if (p.bwd_warps == 16) {
+      if (p.bwd_xs == 2) return scan_bwd_go<E, BE, 1, 2, 512>(p, s);
+      return scan_bwd_go<E, BE, 1, 1, 512>(p, s);
+    }
+    if (p.bwd_min_blocks == 2) {
+      if (p.bwd_xs == 2) return scan_bwd_go<E, BE, 2, 2>(p, s);
+      return scan_bwd_go<E, BE, 2>(p, s);
+    }
   }
   scan_bwd_go<E, BE, 1>(p, s);
 }

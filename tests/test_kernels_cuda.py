@@ -459,6 +459,10 @@ VARIANTS = [
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1),
     dict(fwd_sp=1),
     dict(fwd_sp=0),
+    dict(bwd_warps=8, bwd_min_blocks=2, bwd_xs=2),
+    dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1, bwd_xs=2),
+    dict(bwd_warps=16, bwd_min_blocks=1),
+    dict(bwd_warps=16, bwd_min_blocks=1, bwd_lane_acc=1, bwd_xs=2),
 ]
 
 

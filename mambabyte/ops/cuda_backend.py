@@ -44,10 +44,12 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Scan kernel variants (benchmarks/bench_scan.py --sweep times them). items: time steps per thread
 # (8); fwd_states: states per n iteration of the forward where B / C are staged in shared memory
 # (1, 2 or 4); fwd_min_blocks: 1, or 4 to cap the forward's registers at 128; bwd_warps: channels
-# per block in the backward (4 or 8); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128;
+# per block in the backward (4, 8 or 16); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128;
 # bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state;
+# bwd_xs: states whose dB / dC contributions share one block-wide exchange (1 or 2);
 # fwd_sp: the forward with lanes over states (d_state 16, variable B / C): -1 where it is faster
-# (training batches, sequences of <= 256 steps), 1 wherever it applies, 0 never (lanes over time).
+# (batch x channels / 8 >= 4 x the SM count, or sequences of <= 256 steps), 1 wherever it applies,
+# 0 never (lanes over time).
 TUNING = {
     "items": int(os.environ.get("MAMBABYTE_SCAN_ITEMS", "8")),
     "fwd_states": int(os.environ.get("MAMBABYTE_SCAN_FWD_STATES", "2")),
@@ -56,6 +58,7 @@ TUNING = {
     "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "2")),
     "bwd_lane_acc": int(os.environ.get("MAMBABYTE_SCAN_BWD_LANE_ACC", "0")),
     "fwd_sp": int(os.environ.get("MAMBABYTE_SCAN_FWD_SP", "-1")),
+    "bwd_xs": int(os.environ.get("MAMBABYTE_SCAN_BWD_XS", "1")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
@@ -197,7 +200,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         dfin = None if dfin is None else dfin.to(torch.float32).contiguous()
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _ext().scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, cs, dout, dfin,
-            TUNING["bwd_warps"], TUNING["bwd_min_blocks"], bool(TUNING["bwd_lane_acc"]),
+            TUNING["bwd_warps"], TUNING["bwd_min_blocks"], bool(TUNING["bwd_lane_acc"]), TUNING["bwd_xs"],
         )
         return (
             du,
