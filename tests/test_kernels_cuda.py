@@ -452,7 +452,7 @@ def test_mamba_decode_step(dtype, poison):
 # ------------------------------------------------------------------ tuning variants
 
 VARIANTS = [
-    dict(fwd_states=2, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0),
+    dict(fwd_states=2, fwd_min_blocks=1, bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0, bwd_xs=1),
     dict(fwd_states=1, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=1, bwd_lane_acc=1),
     dict(fwd_states=2, fwd_min_blocks=4, bwd_warps=8, bwd_min_blocks=1, bwd_lane_acc=0),
     dict(fwd_states=4, fwd_min_blocks=1, bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=0),

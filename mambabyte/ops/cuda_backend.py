@@ -58,7 +58,7 @@ TUNING = {
     "bwd_min_blocks": int(os.environ.get("MAMBABYTE_SCAN_BWD_MIN_BLOCKS", "2")),
     "bwd_lane_acc": int(os.environ.get("MAMBABYTE_SCAN_BWD_LANE_ACC", "0")),
     "fwd_sp": int(os.environ.get("MAMBABYTE_SCAN_FWD_SP", "-1")),
-    "bwd_xs": int(os.environ.get("MAMBABYTE_SCAN_BWD_XS", "1")),
+    "bwd_xs": int(os.environ.get("MAMBABYTE_SCAN_BWD_XS", "2")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
