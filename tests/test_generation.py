@@ -296,3 +296,32 @@ def test_cuda_graph_decode_matches_eager():
     assert a.bytes == b.bytes and a.state.allclose(b.state, rtol=1e-4, atol=1e-5)
     c = m.generate("graph", max_new_bytes=64, temperature=0, use_cuda_graph=True, stop=a.bytes[40:43].decode("latin-1"))
     assert a.bytes.startswith(c.bytes)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_prefill_matches_eager():
+    """Graph-replayed prefill == eager prefill: batches of mixed lengths, from a state, replayed with new
+    bytes of a captured length, and the per-model cache stays bounded."""
+    from mambabyte.generation import cuda_graph
+    from mambabyte.generation.decode import prefill
+
+    torch.manual_seed(99)
+    m = MambaByteLM.from_preset("tiny", device="cuda").eval()
+    start = m.generate("the state we resume from", max_new_bytes=8, temperature=0).state
+    cases = [
+        ([b"abcdefgh", b"xyz", b"12345678"], None),
+        ([b"hgfedcba", b"zyx", b"87654321"], None),  # same lengths: replays the captured graphs
+        ([b"abcdefgh"], start),
+        ([b"a" * 300, b"b" * 300], start.repeat(2)),
+    ]
+    for prompts, st in cases:
+        lg_e, st_e = prefill(m, prompts, st)
+        lg_g, st_g = prefill(m, prompts, st, cuda_graph=True)
+        torch.testing.assert_close(lg_g, lg_e, rtol=1e-4, atol=1e-4)
+        assert st_g.allclose(st_e, rtol=1e-4, atol=1e-5) and st_g.bytes_consumed == st_e.bytes_consumed
+    assert 0 < len(m.__dict__["_mambabyte_prefill_graphs"]) <= cuda_graph.PREFILL_GRAPHS_MAX
+    a = m.generate("graph prefill", max_new_bytes=32, temperature=0, prefill_cuda_graph=True)
+    b = m.generate("graph prefill", max_new_bytes=32, temperature=0)
+    assert a.bytes == b.bytes
+    cuda_graph.clear_graph_cache(m)
+    assert "_mambabyte_prefill_graphs" not in m.__dict__

@@ -210,6 +210,7 @@ def generate(
     sync_every: Optional[int] = None,
     bos: Union[str, bytes] = b"\n",
     prefill_chunk_bytes: int = 65536,
+    prefill_cuda_graph: bool = False,
     max_new_tokens: Optional[int] = None,
     draft_model=None,
     draft_len: int = 4,
@@ -239,6 +240,8 @@ def generate(
         stream: callback for whole UTF-8 characters as they become final: ``stream(text)`` for a single
             sequence, ``stream(text, index)`` for several. Stop strings never reach it.
         use_cuda_graph: capture the decode step in a CUDA graph on GPU (ignored on CPU).
+        prefill_cuda_graph: replay the prefill from a CUDA graph per (prompts, length), captured on
+            first use and kept on the model (GPU; for prompts of lengths that recur).
         sync_every: host syncs (stop checks, streaming) every this many bytes (default 1 on CPU, 16 on GPU).
         draft_context: text the drafter reads before the prompt, when ``state`` holds text the drafter
             has not seen (e.g. earlier turns of a conversation); ignored without ``draft_model``.
@@ -291,7 +294,7 @@ def generate(
     try:
         _sync(dev)
         t0 = time.perf_counter()
-        lg, st = prefill(model, feed, state, logits, chunk_bytes=prefill_chunk_bytes)
+        lg, st = prefill(model, feed, state, logits, chunk_bytes=prefill_chunk_bytes, cuda_graph=prefill_cuda_graph)
         _sync(dev)
         t1 = time.perf_counter()
         if num_samples > 1:

@@ -147,6 +147,62 @@ class ForwardRunner:
         return runner(ids, state)
 
 
+class GraphedPrefill:
+    """A batch of ``batch`` prompts of ``length`` bytes each, resumed from a state, captured in a CUDA
+    graph: ``__call__(ids (batch, length), state)`` -> (last-position logits (batch, V) fp32, new state),
+    both copies that outlive the next replay. For workloads that prefill the same length again and
+    again (fixed evaluation windows, serving with a fixed context): it removes the per-kernel launch
+    gaps of an eager forward (~600 kernels at the 972M shape). The graph keeps its activation memory.
+    """
+
+    uses_cuda_graph = True
+
+    def __init__(self, model, batch: int, length: int, warmup: int = 1) -> None:
+        dev = model.device
+        self.batch, self.length = batch, length
+        self.ids = torch.full((batch, length), 32, dtype=torch.long, device=dev)
+        self.state_in = model.allocate_state(batch, device=dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                model(self.ids, state=self.state_in, return_state=True, num_last_tokens=1)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            out = model(self.ids, state=self.state_in, return_state=True, num_last_tokens=1)
+        self.logits, self.state_out = out.logits[:, -1], out.state
+
+    def __call__(self, ids: Tensor, state: MambaState):
+        self.ids.copy_(ids)
+        self.state_in.copy_(state)
+        self.graph.replay()
+        new = MambaState(self.state_out.conv.clone(), self.state_out.ssm.clone(), state.bytes_consumed + self.length)
+        return self.logits.float(), new
+
+
+# captured prefills kept per model (least recently used dropped first): each holds its activations
+PREFILL_GRAPHS_MAX = 4
+
+
+def get_prefill_graph(model, batch: int, length: int):
+    """The cached :class:`GraphedPrefill` for (batch, length) on ``model``, captured on first use; None
+    when capture fails (the caller runs eagerly; one log line)."""
+    cache: Dict[Tuple, GraphedPrefill] = model.__dict__.setdefault("_mambabyte_prefill_graphs", {})
+    key = (batch, length) + _graph_key(model, batch)
+    runner = cache.pop(key, None)
+    if runner is None:
+        while len(cache) >= PREFILL_GRAPHS_MAX:
+            cache.pop(next(iter(cache)))
+        try:
+            runner = GraphedPrefill(model, batch, length)
+        except Exception as exc:  # pragma: no cover - depends on the GPU stack
+            logger.warning("CUDA-graph capture of the prefill failed (%s); prefilling eagerly", exc)
+            return None
+    cache[key] = runner  # most recently used last
+    return runner
+
+
 def _graph_key(model, batch_size: int) -> Tuple:
     """What a captured graph depends on: batch, device, dtype, weights' storage, and which step path
     (per-op or the fused block step) ``model.step`` takes, so toggling that path recaptures."""
@@ -183,7 +239,8 @@ def clear_graph_cache(model) -> None:
     """Drop the captured graphs (and their buffers) cached on ``model``."""
     model.__dict__.pop("_mambabyte_cuda_graphs", None)
     model.__dict__.pop("_mambabyte_forward_graphs", None)
+    model.__dict__.pop("_mambabyte_prefill_graphs", None)
 
 
 __all__ = ["EagerStep", "GraphedStep", "get_step_runner", "EagerForward", "GraphedForward", "ForwardRunner",
-           "clear_graph_cache"]
+           "GraphedPrefill", "get_prefill_graph", "clear_graph_cache"]

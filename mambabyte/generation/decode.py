@@ -50,11 +50,14 @@ def prefill(
     state: Optional[MambaState] = None,
     logits: Optional[Tensor] = None,
     chunk_bytes: int = 65536,
+    cuda_graph: bool = False,
 ) -> Tuple[Tensor, MambaState]:
     """Consume ``prompts[i]`` from row i of ``state`` (zero state if None).
 
     Rows with an empty prompt keep their state and take their next-byte logits from ``logits`` (b, V)
     (the caller makes sure those exist). Prompts of equal length are run together in one forward.
+    ``cuda_graph=True`` (CUDA only) replays a CUDA graph per (rows, length) up to ``chunk_bytes``,
+    captured on first use (see :class:`~mambabyte.generation.cuda_graph.GraphedPrefill`).
     Returns (logits (b, V) fp32, state (b rows)); ``state`` is not modified.
     """
     b = len(prompts)
@@ -72,7 +75,15 @@ def prefill(
         flat = torch.frombuffer(bytearray(b"".join(prompts[i] for i in rows)), dtype=torch.uint8)
         ids = flat.view(len(rows), L).to(dev).long()
         src = state.select(rows) if state is not None else None
-        lg, st = forward_chunked(model, ids, src, chunk_bytes)
+        runner = None
+        if cuda_graph and ids.is_cuda and L <= chunk_bytes:
+            from .cuda_graph import get_prefill_graph
+
+            runner = get_prefill_graph(model, len(rows), L)
+        if runner is not None:
+            lg, st = runner(ids, src if src is not None else model.allocate_state(len(rows)))
+        else:
+            lg, st = forward_chunked(model, ids, src, chunk_bytes)
         idx = torch.tensor(rows, device=dev)
         out_state.conv.index_copy_(1, idx, st.conv.to(out_state.dtype))
         out_state.ssm.index_copy_(1, idx, st.ssm.to(out_state.dtype))
