@@ -6,7 +6,8 @@
 //
 // This is Block._add_norm's arithmetic (torch's add, cast, LayerNorm / our RMSNorm) with the four
 // kernels and three round trips through memory of the unfused path replaced by one read of hidden and
-// residual and one write of each output. The row is kept in shared memory between the passes.
+// residual and one write of each output. The row stays in registers (add_norm_vec_kernel, the usual
+// case) or, for odd widths, in shared memory between the passes.
 #include "common.cuh"
 #include "params.h"
 
@@ -53,8 +54,88 @@ __global__ void __launch_bounds__(kAnThreads) add_norm_kernel(const AddNormParam
   }
 }
 
+// 8 consecutive values of a 16-byte aligned row, as floats / from floats (one or two 16-byte accesses).
+template <typename T>
+__device__ __forceinline__ void load8f(const T* src, float (&f)[8]) {
+  alignas(16) T v[8];
+#pragma unroll
+  for (int k = 0; k < 8 * (int)sizeof(T) / 16; ++k) reinterpret_cast<uint4*>(v)[k] = reinterpret_cast<const uint4*>(src)[k];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_float(v[i]);
+}
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const T (&v)[8]) {
+#pragma unroll
+  for (int k = 0; k < 8 * (int)sizeof(T) / 16; ++k) reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(v)[k];
+}
+
+// The same arithmetic with each thread owning 8 consecutive values of the row in registers: 16-byte
+// loads and stores, no shared-memory copy of the row. grid (rows), block ceil(D / 8 / 32) warps;
+// needs D % 8 == 0, D <= 8192 and 16-byte aligned rows (checked by the launcher).
+template <typename E, typename RT>
+__global__ void __launch_bounds__(1024) add_norm_vec_kernel(const AddNormParams p) {
+  __shared__ float red[33];
+  const int D = p.dim;
+  const long row = (long)blockIdx.x * D;
+  const int k0 = threadIdx.x * 8;
+  const bool act = k0 < D;
+  float x[8];
+  float s = 0.f;
+  if (act) {
+    float h[8], r[8];
+    load8f<E>(static_cast<const E*>(p.hidden) + row + k0, h);
+    if (p.residual) {
+      load8f<RT>(static_cast<const RT*>(p.residual) + row + k0, r);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) r[i] = 0.f;
+    }
+    alignas(16) RT ro[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      ro[i] = from_float<RT>(p.residual ? h[i] + r[i] : h[i]);
+      x[i] = to_float(from_float<E>(to_float(ro[i])));  // the norm reads the residual cast to E
+      s += x[i];
+    }
+    store8<RT>(static_cast<RT*>(p.residual_out) + row + k0, ro);
+  }
+  float mean = 0.f;
+  if (!p.rms) mean = block_sum(s, red) / (float)D;
+  float ss = 0.f;
+  if (act) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float d = x[i] - mean;
+      ss = fmaf(d, d, ss);
+    }
+  }
+  const float rstd = rsqrtf(block_sum(ss, red) / (float)D + p.eps);
+  if (act) {
+    float w[8], b[8];
+    load8f<E>(static_cast<const E*>(p.weight) + k0, w);
+    if (p.bias) load8f<E>(static_cast<const E*>(p.bias) + k0, b);
+    alignas(16) E o[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float y = (x[i] - mean) * rstd * w[i];
+      if (p.bias) y += b[i];
+      o[i] = from_float<E>(y);
+    }
+    store8<E>(static_cast<E*>(p.out) + row + k0, o);
+  }
+}
+
+inline bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 template <typename E>
 void launch_e(const AddNormParams& p, cudaStream_t s) {
+  if (p.dim % 8 == 0 && p.dim <= 8192 && aligned16(p.hidden) && aligned16(p.residual) && aligned16(p.residual_out) &&
+      aligned16(p.out) && aligned16(p.weight) && aligned16(p.bias)) {
+    const int threads = ((p.dim / 8 + 31) / 32) * 32;
+    if (p.residual_f32) add_norm_vec_kernel<E, float><<<p.rows, threads, 0, s>>>(p);
+    else add_norm_vec_kernel<E, E><<<p.rows, threads, 0, s>>>(p);
+    return;
+  }
   const size_t smem = (size_t)p.dim * sizeof(float);
   if (smem > 48 * 1024) {
     if (p.residual_f32)

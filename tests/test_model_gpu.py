@@ -252,9 +252,12 @@ def test_channel_first_forward_matches_the_module_path_on_the_kernels(autocast):
 @pytest.mark.parametrize("dtype,res_fp32", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
                                             (torch.float16, True)])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-def test_fused_add_norm_matches_the_torch_ops(monkeypatch, dtype, res_fp32, norm):
+@pytest.mark.parametrize("D", [1792, 1000, 1030, 10000])
+def test_fused_add_norm_matches_the_torch_ops(monkeypatch, dtype, res_fp32, norm, D):
     """csrc/add_norm.cu against add + cast + norm: the residual exactly, the normed output to an ulp of
-    its dtype (LayerNorm's statistics are summed in another order than torch's Welford)."""
+    its dtype (LayerNorm's statistics are summed in another order than torch's Welford). Widths that are
+    multiples of 8 up to 8192 take the register kernel (1000: a partly idle last warp); 1030 and 10000
+    the shared-memory one."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from mambabyte.modules.norms import add_norm, make_norm
@@ -262,7 +265,6 @@ def test_fused_add_norm_matches_the_torch_ops(monkeypatch, dtype, res_fp32, norm
 
     assert cuda_backend.status()[0]
     torch.manual_seed(0)
-    D = 1792
     mod = make_norm(norm, D, 1e-5, device="cuda", dtype=dtype)
     with torch.no_grad():
         mod.weight.copy_(1 + 0.1 * torch.randn(D))
