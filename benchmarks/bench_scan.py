@@ -126,9 +126,6 @@ BWD_VARIANTS = [
     dict(bwd_warps=16, bwd_min_blocks=1, bwd_lane_acc=1, bwd_xs=1),
     dict(bwd_warps=16, bwd_min_blocks=1, bwd_lane_acc=0, bwd_xs=2),
     dict(bwd_warps=16, bwd_min_blocks=1, bwd_lane_acc=1, bwd_xs=2),
-    dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=0, bwd_xs=2, bwd_sum=1),
-    dict(bwd_warps=8, bwd_min_blocks=2, bwd_lane_acc=1, bwd_xs=2, bwd_sum=1),
-    dict(bwd_warps=4, bwd_min_blocks=2, bwd_lane_acc=0, bwd_xs=2, bwd_sum=1),
 ]
 
 

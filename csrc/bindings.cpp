@@ -154,7 +154,7 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
 std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                              const OptT& D, const OptT& z, const OptT& delta_bias, bool softplus,
                              const Tensor& chunk_states, const Tensor& dout, const OptT& dfinal, int64_t warps, int64_t min_blocks, bool lane_acc,
-                             int64_t xs, bool sum) {
+                             int64_t xs) {
   c10::cuda::CUDAGuard guard(u.device());
   mb::ScanParams p;
   fill_scan(p, u, delta, A, B, C, D, z, delta_bias, softplus);
@@ -162,7 +162,6 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
   TORCH_CHECK(xs == 1 || xs == 2, "xs must be 1 or 2");
   p.bwd_warps = (int)warps;
   p.bwd_xs = (int)xs;
-  p.bwd_sum = sum ? 1 : 0;
   p.bwd_min_blocks = (int)min_blocks;
   p.bwd_lane_acc = lane_acc ? 1 : 0;
   const int64_t b = p.batch, d = p.dim, n = p.dstate, L = p.seqlen;

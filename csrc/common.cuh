@@ -57,23 +57,6 @@ __device__ __forceinline__ void load_run_f(const E* __restrict__ row, int t0, in
   for (int i = 0; i < kT; ++i) f[i] = to_float(v[i]);
 }
 
-// load_run_f for a second read of the same run (ld.global.cg: an L2 / L1 hit, never merged by the
-// compiler with the first read, so the values need not stay live in registers in between).
-template <typename E, int kT>
-__device__ __forceinline__ void reread_run_f(const E* __restrict__ row, int t0, int L, bool vec, float (&f)[kT]) {
-  alignas(16) E v[kT];
-  if (vec && t0 + kT <= L) {
-#pragma unroll
-    for (int i = 0; i < (int)(kT * sizeof(E) / 16); ++i)
-      reinterpret_cast<uint4*>(v)[i] = __ldcg(reinterpret_cast<const uint4*>(row + t0) + i);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kT; ++i) v[i] = (t0 + i < L) ? row[t0 + i] : from_float<E>(0.f);
-  }
-#pragma unroll
-  for (int i = 0; i < kT; ++i) f[i] = to_float(v[i]);
-}
-
 template <typename E, int kT>
 __device__ __forceinline__ void store_run_f(E* __restrict__ row, int t0, int L, bool vec, const float (&f)[kT]) {
   alignas(16) E v[kT];

@@ -21,7 +21,6 @@ struct ScanParams {
   int fwd_sp = -1;     // forward: the state-parallel kernel: 0 never, 1 where it applies, -1 auto
   int bwd_lane_acc = 0;  // backward (staged): per-lane dA partials in shared memory
   int bwd_xs = 2;        // backward: states per dB / dC exchange (1 or 2)
-  int bwd_sum = 0;       // backward: accumulate sum_n G B and sum_n a Q h per step (see scan_bwd_kernel)
   int B_var = 0, C_var = 0;   // 1: (b, g, n, L); 0: (d, n)
   int B_cpg = 1, C_cpg = 1;   // channels per group (d / g) for variable B / C
   int B_groups = 1, C_groups = 1;

@@ -215,10 +215,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
 // kMinBlocks = 2 caps registers at 128 (some spills) for twice the resident warps.
 // kXS: states whose dB / dC contributions share one exchange (one barrier per kXS states).
 // kThreads: the most threads a block may have (512 for 16 channels a block).
-// kSum: the state loop accumulates sum_n G B and sum_n a Q h_prev per step (two fused multiply-adds),
-// and d(delta) = u sum_n G B + sum_n a Q h_prev, d(u) = delta sum_n G B + D dy follow after it;
-// otherwise it accumulates d(delta) and d(u) directly (five operations a step and state).
-template <typename E, typename BE, int kMinBlocks, bool kStage, int kXS = 1, int kThreads = 256, bool kSum = false>
+template <typename E, typename BE, int kMinBlocks, bool kStage, int kXS = 1, int kThreads = 256>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const ScanParams p) {
   constexpr int kT = kScanItems;
   extern __shared__ float smem[];
@@ -288,12 +285,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const Sc
       cp_async_wait<1>();
       __syncthreads();
     }
-    // ux: delta * u (kSum) or u; ga / gb: sum_n G B / sum_n a Q h_prev (kSum) or d(u) / d(delta).
-    // With kSum, u and what only the epilogue needs (the softplus and gate derivatives, spg / gz) are
-    // re-read there instead of kept.
-    float ux[kT], dl[kT], spg[kT], dy[kT], gz[kT], ga[kT], gb[kT], y[kT];
+    float uv[kT], dl[kT], spg[kT], dy[kT], gz[kT], dua[kT], dda[kT], y[kT];
     {
-      float dr[kT], dov[kT], uv[kT];
+      float dr[kT], dov[kT];
       load_run_f<E, kT>(u, t0, L, p.in_vec, uv);
       load_run_f<E, kT>(dlt, t0, L, p.in_vec, dr);
       load_run_f<E, kT>(dout, t0, L, p.in_vec, dov);
@@ -304,25 +298,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const Sc
         const bool in = t0 + i < L;
         const float d = dr[i] + bias;
         dl[i] = in ? (p.softplus ? softplus_f(d) : d) : 0.f;
+        spg[i] = in ? (p.softplus ? sigmoid_f(d) : 1.f) : 0.f;
         const float go = in ? dov[i] : 0.f;
-        if constexpr (kSum) {
-          dy[i] = zr ? go * zv[i] * sigmoid_f(zv[i]) : go;
-          ux[i] = dl[i] * uv[i];
-          ga[i] = 0.f;
+        if (zr) {
+          const float s = sigmoid_f(zv[i]);
+          dy[i] = go * zv[i] * s;
+          gz[i] = go * s * (1.f + zv[i] * (1.f - s));
         } else {
-          spg[i] = in ? (p.softplus ? sigmoid_f(d) : 1.f) : 0.f;
-          if (zr) {
-            const float s = sigmoid_f(zv[i]);
-            dy[i] = go * zv[i] * s;
-            gz[i] = go * s * (1.f + zv[i] * (1.f - s));
-          } else {
-            dy[i] = go;
-            gz[i] = 0.f;
-          }
-          ux[i] = uv[i];
-          ga[i] = dy[i] * Dv;
+          dy[i] = go;
+          gz[i] = 0.f;
         }
-        gb[i] = 0.f;
+        dua[i] = dy[i] * Dv;
+        dda[i] = 0.f;
         y[i] = 0.f;
       }
     }
@@ -367,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const Sc
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
         dA[i] = exp2f(dl[i] * a2);
-        hv[i] = (kSum ? ux[i] : dl[i] * ux[i]) * Bv[i];  // dBu for now
+        hv[i] = dl[i] * uv[i] * Bv[i];  // dBu for now
         h = fmaf(dA[i], h, hv[i]);
       }
       const float Pl = exp2f(a2 * dsum);  // the lane's total decay (also the reverse scan's)
@@ -417,16 +404,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const Sc
         const float Q = dA[i] * G;                   // reaches h_{t-1} through step t
         const float hprev = (i == 0) ? hin : hv[i - 1];
         const float Qh = Q * hprev;
-        if constexpr (kSum) {
-          ga[i] = fmaf(G, Bv[i], ga[i]);
-          gb[i] = fmaf(Qh, a, gb[i]);
-          vB[i] = G * ux[i];
-        } else {
-          gb[i] = fmaf(G * ux[i], Bv[i], fmaf(Qh, a, gb[i]));
-          ga[i] = fmaf(G * dl[i], Bv[i], ga[i]);
-          vB[i] = G * dl[i] * ux[i];
-        }
+        dda[i] = fmaf(G * uv[i], Bv[i], fmaf(Qh, a, dda[i]));
+        dua[i] = fmaf(G * dl[i], Bv[i], dua[i]);
         gA = fmaf(Qh, dl[i], gA);
+        vB[i] = G * dl[i] * uv[i];
         vC[i] = dy[i] * hv[i];
         if (!p.B_var) gB += vB[i];
         if (!p.C_var) gC += vC[i];
@@ -496,42 +477,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const Sc
     }
     __syncwarp();
 
-    float ddr[kT], dzv[kT], dua[kT];
-    {
-      float uv[kT];
-      if constexpr (kSum) {  // re-read what the state loop did not keep (cache hits)
-        float dr[kT], dov[kT], zv[kT];
-        reread_run_f<E, kT>(u, t0, L, p.in_vec, uv);
-        reread_run_f<E, kT>(dlt, t0, L, p.in_vec, dr);
-        reread_run_f<E, kT>(dout, t0, L, p.in_vec, dov);
-        if (zr) reread_run_f<E, kT>(zr, t0, L, p.in_vec, zv);
+    float ddr[kT], dzv[kT];
 #pragma unroll
-        for (int i = 0; i < kT; ++i) {
-          const bool in = t0 + i < L;
-          spg[i] = in ? (p.softplus ? sigmoid_f(dr[i] + bias) : 1.f) : 0.f;
-          gz[i] = 0.f;
-          if (zr) {
-            const float s = sigmoid_f(zv[i]);
-            gz[i] = (in ? dov[i] : 0.f) * s * (1.f + zv[i] * (1.f - s));
-          }
-          dua[i] = fmaf(dl[i], ga[i], dy[i] * Dv);
-          ddr[i] = fmaf(uv[i], ga[i], gb[i]);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kT; ++i) {
-          uv[i] = ux[i];
-          dua[i] = ga[i];
-          ddr[i] = gb[i];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kT; ++i) {
-        dD_acc = fmaf(dy[i], uv[i], dD_acc);
-        ddr[i] *= spg[i];  // spg is 0 on padded steps
-        dbias_acc += ddr[i];
-        dzv[i] = gz[i] * fmaf(Dv, uv[i], y[i]);
-      }
+    for (int i = 0; i < kT; ++i) {
+      dD_acc = fmaf(dy[i], uv[i], dD_acc);
+      ddr[i] = dda[i] * spg[i];  // spg is 0 on padded steps
+      dbias_acc += ddr[i];
+      dzv[i] = gz[i] * fmaf(Dv, uv[i], y[i]);
     }
     store_run_f<E, kT>(du_o, t0, L, p.in_vec, dua);
     store_run_f<E, kT>(ddelta_o, t0, L, p.in_vec, ddr);
@@ -866,7 +818,7 @@ void scan_fwd_launch(ScanParams& p, cudaStream_t s) {
   scan_fwd_go<E, BE, 8, 1, 2>(p, s);
 }
 
-template <typename E, typename BE, int kMinBlocks, int kXS = 1, int kThreads = 256, bool kSum = false>
+template <typename E, typename BE, int kMinBlocks, int kXS = 1, int kThreads = 256>
 void scan_bwd_go(ScanParams& p, cudaStream_t s) {
   const int nw = scan_warps_per_block(p, std::min(kThreads / 32, p.bwd_warps >= 16 ? 16 : p.bwd_warps == 8 ? 8 : 4));
   dim3 grid(p.dim / nw, p.batch);
@@ -874,17 +826,16 @@ void scan_bwd_go(ScanParams& p, cudaStream_t s) {
   if (scan_can_stage<BE>(p, kScanChunk)) {
     const size_t sm = base + 2 * 2 * (size_t)p.dstate * kScanChunk * sizeof(BE) +
                       (p.bwd_lane_acc ? sizeof(float) * nw * p.dstate * 32 : 0);
-    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true, kXS, kThreads, kSum>, sm);
-    scan_bwd_kernel<E, BE, kMinBlocks, true, kXS, kThreads, kSum><<<grid, nw * 32, sm, s>>>(p);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, true, kXS, kThreads>, sm);
+    scan_bwd_kernel<E, BE, kMinBlocks, true, kXS, kThreads><<<grid, nw * 32, sm, s>>>(p);
   } else {
-    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, false, kXS, kThreads, kSum>, base);
-    scan_bwd_kernel<E, BE, kMinBlocks, false, kXS, kThreads, kSum><<<grid, nw * 32, base, s>>>(p);
+    scan_smem_attr(scan_bwd_kernel<E, BE, kMinBlocks, false, kXS, kThreads>, base);
+    scan_bwd_kernel<E, BE, kMinBlocks, false, kXS, kThreads><<<grid, nw * 32, base, s>>>(p);
   }
 }
 
 // Tuning variants (16-bit inputs with B / C in the same dtype): bwd_warps 4 / 8 / 16 channels a
-// block, bwd_min_blocks 2 (registers capped at 128), bwd_xs 2 (two states an exchange), bwd_sum 1
-// (with bwd_min_blocks 2 and bwd_xs 2: per-step sums instead of per-step gradients in the state loop).
+// block, bwd_min_blocks 2 (registers capped at 128), bwd_xs 2 (two states an exchange).
 template <typename E, typename BE>
 void scan_bwd_launch(ScanParams& p, cudaStream_t s) {
   if constexpr (std::is_same<E, BE>::value && !std::is_same<E, float>::value) {
@@ -893,7 +844,6 @@ void scan_bwd_launch(ScanParams& p, cudaStream_t s) {
       return scan_bwd_go<E, BE, 1, 1, 512>(p, s);
     }
     if (p.bwd_min_blocks == 2) {
-      if (p.bwd_xs == 2 && p.bwd_sum) return scan_bwd_go<E, BE, 2, 2, 256, true>(p, s);
       if (p.bwd_xs == 2) return scan_bwd_go<E, BE, 2, 2>(p, s);
       return scan_bwd_go<E, BE, 2>(p, s);
     }

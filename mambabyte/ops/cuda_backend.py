@@ -46,8 +46,7 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # (1, 2 or 4); fwd_min_blocks: 1, or 4 to cap the forward's registers at 128; bwd_warps: channels
 # per block in the backward (4, 8 or 16); bwd_min_blocks: 1, or 2 to cap the backward's registers at 128;
 # bwd_lane_acc: 1 keeps per-lane dA partials in shared memory instead of a warp sum per state;
-# bwd_xs: states whose dB / dC contributions share one block-wide exchange (1 or 2); bwd_sum: 1 (with
-# bwd_min_blocks 2, bwd_xs 2) accumulates per-step sums over states instead of per-step gradients;
+# bwd_xs: states whose dB / dC contributions share one block-wide exchange (1 or 2);
 # fwd_sp: the forward with lanes over states (d_state 16, variable B / C): -1 where it is faster
 # (batch x channels / 8 >= 4 x the SM count, or sequences of <= 256 steps), 1 wherever it applies,
 # 0 never (lanes over time).
@@ -60,7 +59,6 @@ TUNING = {
     "bwd_lane_acc": int(os.environ.get("MAMBABYTE_SCAN_BWD_LANE_ACC", "0")),
     "fwd_sp": int(os.environ.get("MAMBABYTE_SCAN_FWD_SP", "-1")),
     "bwd_xs": int(os.environ.get("MAMBABYTE_SCAN_BWD_XS", "2")),
-    "bwd_sum": int(os.environ.get("MAMBABYTE_SCAN_BWD_SUM", "0")),
 }
 _EXT = None
 _STATUS: Optional[Tuple[bool, str]] = None
@@ -203,7 +201,6 @@ class _SelectiveScanFn(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _ext().scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, cs, dout, dfin,
             TUNING["bwd_warps"], TUNING["bwd_min_blocks"], bool(TUNING["bwd_lane_acc"]), TUNING["bwd_xs"],
-            bool(TUNING["bwd_sum"]),
         )
         return (
             du,
