@@ -181,8 +181,11 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
   Tensor dh0 = at::empty({b, d, n}, f32);
   const int64_t Lpad = (int64_t)p.n_save * mb::kScanChunk;
   p.Lpad = (int)Lpad;
-  Tensor dB = p.B_var ? at::zeros({b, (int64_t)p.B_groups, n, Lpad}, f32) : at::empty({b, d, n}, f32);
-  Tensor dC = p.C_var ? at::zeros({b, (int64_t)p.C_groups, n, Lpad}, f32) : at::empty({b, d, n}, f32);
+  // variable dB / dC accumulate by atomics: one zeroed buffer for both (one memset)
+  const int64_t nB = p.B_var ? b * p.B_groups * n * Lpad : b * d * n;
+  const int64_t nC = p.C_var ? b * p.C_groups * n * Lpad : b * d * n;
+  Tensor dBC = (p.B_var || p.C_var) ? at::zeros({nB + nC}, f32) : at::empty({nB + nC}, f32);
+  Tensor dB = dBC.narrow(0, 0, nB), dC = dBC.narrow(0, nB, nC);
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
   p.dz = z.has_value() ? dz.data_ptr() : nullptr;
@@ -196,11 +199,35 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
   p.dC = dC.data_ptr<float>();
   run_scan_bwd(p, dtype_code(u), c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  Tensor dA = dA_part.sum(0);
-  Tensor dBo = p.B_var ? dB.narrow(3, 0, L) : dB.sum(0);
-  Tensor dCo = p.C_var ? dC.narrow(3, 0, L) : dC.sum(0);
-  Tensor dD = D.has_value() ? dD_part.sum(0) : at::empty({0}, f32);
-  Tensor dbias = delta_bias.has_value() ? dbias_part.sum(0) : at::empty({0}, f32);
+  // the tail (batch sums, dB / dC cut to L and cast to B / C's dtype) in one launch
+  Tensor dA = at::empty({d, n}, f32);
+  Tensor dD = D.has_value() ? at::empty({d}, f32) : at::empty({0}, f32);
+  Tensor dbias = delta_bias.has_value() ? at::empty({d}, f32) : at::empty({0}, f32);
+  Tensor dBo = p.B_var ? at::empty({b, (int64_t)p.B_groups, n, L}, B.options()) : at::empty({d, n}, f32);
+  Tensor dCo = p.C_var ? at::empty({b, (int64_t)p.C_groups, n, L}, C.options()) : at::empty({d, n}, f32);
+  mb::ScanFinishParams f;
+  f.batch = (int)b;
+  f.dim = (int)d;
+  f.dstate = (int)n;
+  f.seqlen = (int)L;
+  f.Lpad = (int)Lpad;
+  f.B_var = p.B_var;
+  f.C_var = p.C_var;
+  f.B_rows = (int)(b * p.B_groups * n);
+  f.C_rows = (int)(b * p.C_groups * n);
+  f.bc_dtype = p.bc_dtype;
+  f.dA_part = p.dA_part;
+  f.dD_part = D.has_value() ? p.dD_part : nullptr;
+  f.dbias_part = delta_bias.has_value() ? p.dbias_part : nullptr;
+  f.dB = p.dB;
+  f.dC = p.dC;
+  f.dA = dA.data_ptr<float>();
+  f.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
+  f.dbias = delta_bias.has_value() ? dbias.data_ptr<float>() : nullptr;
+  f.dB_out = dBo.data_ptr();
+  f.dC_out = dCo.data_ptr();
+  mb::scan_finish(f, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {du, ddelta, dA, dBo, dCo, dD, dz, dbias, dh0};
 }
 

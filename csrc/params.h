@@ -165,6 +165,25 @@ constexpr int kLsMaxB = 8;          // batch rows one kernel-1 / kernel-3 block 
 constexpr int kLsInChannels = 16;   // d_inner channels per kernel-1 block (32 in_proj rows)
 constexpr int kLsGroup = 16;        // kernel-1 blocks per x_proj pre-reduction group
 
+// The scan backward's small tail in one launch (scan_finish.cu): per-batch partial sums of dA, dD and
+// d(delta_bias) summed over the batch, and dB / dC either cut from their padded fp32 accumulators and
+// cast to B / C's dtype (variable) or summed over the batch (fixed, fp32 (d, n)).
+struct ScanFinishParams {
+  int batch = 0, dim = 0, dstate = 0, seqlen = 0, Lpad = 0;
+  int B_var = 0, C_var = 0, B_rows = 0, C_rows = 0;  // variable: b * groups * n rows of length L
+  int bc_dtype = kF32;                               // dtype of variable dB / dC outputs
+  const float* dA_part = nullptr;                    // (b, d, n)
+  const float* dD_part = nullptr;                    // (b, d) or null (no D)
+  const float* dbias_part = nullptr;                 // (b, d) or null (no delta_bias)
+  const float* dB = nullptr;                         // variable: (rows, Lpad); fixed: (b, d, n)
+  const float* dC = nullptr;
+  float* dA = nullptr;                               // (d, n)
+  float* dD = nullptr;                               // (d,)
+  float* dbias = nullptr;                            // (d,)
+  void* dB_out = nullptr;                            // variable: (rows, L) in bc_dtype; fixed: fp32 (d, n)
+  void* dC_out = nullptr;
+};
+
 // Host entry points (defined in the .cu files).
 void scan_fwd_f32(ScanParams& p, cudaStream_t s);
 void scan_fwd_f16(ScanParams& p, cudaStream_t s);
@@ -181,6 +200,7 @@ int layer_step_smem(const LayerStepParams& p, int dtype);
 // pdl: launch with programmatic dependent launch (sm_90+; the kernels wait on their predecessor).
 void layer_step(LayerStepParams& p, int dtype, cudaStream_t s, bool pdl);
 void add_norm(AddNormParams& p, int dtype, cudaStream_t s);
+void scan_finish(const ScanFinishParams& p, cudaStream_t s);
 
 constexpr int kScanItems = 8;                  // time steps per thread
 constexpr int kScanChunk = 32 * kScanItems;    // time steps per warp per chunk
