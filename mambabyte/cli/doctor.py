@@ -41,6 +41,12 @@ def main(argv=None):
               + (f"fused block step, 3 launches per block {pdl} programmatic dependent launch, batches of up"
                  f" to {cuda_backend.FUSED_MAX_BATCH} (MAMBABYTE_FUSED_MAX_BATCH); larger batches per-op" if ok else
                  "per-op step (MAMBABYTE_FUSED_BLOCK_STEP=0, or the extension predates layer_step)"))
+        sp = cuda_backend.TUNING.get("fwd_sp", -1)
+        print(f"  {'scan forward kernel':<24} "
+              + {0: "chunked (lanes over time) everywhere (MAMBABYTE_SCAN_FWD_SP=0)",
+                 1: "state-parallel wherever it applies (d_state 16, variable B / C; MAMBABYTE_SCAN_FWD_SP=1)"}.get(
+                  sp, "state-parallel for d_state 16 with variable B / C when batch x channels / 8 >= 4 x SMs or "
+                      "L <= 256, else chunked (MAMBABYTE_SCAN_FWD_SP=0 / 1 to force)"))
     for mod in ("triton", "datasets", "huggingface_hub", "tokenizers"):
         try:
             m = __import__(mod)
