@@ -31,6 +31,20 @@
 
 namespace mambabyte {
 
+// The forward's per-row pointers: u, delta, z (or null) and out, at row offset (batch * dim + channel) * L.
+template <typename E>
+struct FwdRow {
+  const E* u;
+  const E* dlt;
+  const E* z;
+  E* out;
+  __device__ __forceinline__ FwdRow(const ScanParams& p, long row)
+      : u(static_cast<const E*>(p.u) + row),
+        dlt(static_cast<const E*>(p.delta) + row),
+        z(p.z ? static_cast<const E*>(p.z) + row : nullptr),
+        out(static_cast<E*>(p.out) + row) {}
+};
+
 template <typename BE, int kT>
 __device__ __forceinline__ void fetch_bc(const BE* __restrict__ base, int var, int n, int L, int t0, int vec,
                                          BE (&v)[kT]) {
@@ -64,11 +78,9 @@ __global__ void __launch_bounds__(128, kMinBlocks) scan_fwd_kernel(const ScanPar
   const int n_chunks = (L + kChunk - 1) / kChunk;
 
   const long bd = (long)bi * p.dim + ch;
-  const long row = bd * L;
-  const E* u = static_cast<const E*>(p.u) + row;
-  const E* dlt = static_cast<const E*>(p.delta) + row;
-  const E* zr = p.z ? static_cast<const E*>(p.z) + row : nullptr;
-  E* out = static_cast<E*>(p.out) + row;
+  const FwdRow<E> rp(p, bd * L);
+  const E *u = rp.u, *dlt = rp.dlt, *zr = rp.z;
+  E* out = rp.out;
   const float* A = p.A + (long)ch * N;
   const BE* Bb = static_cast<const BE*>(p.B);
   const BE* Cb = static_cast<const BE*>(p.C);
@@ -601,11 +613,9 @@ __global__ void __launch_bounds__(256) scan_fwd_sp_kernel(const ScanParams p) {
   const int bi = blockIdx.y;
   const int L = p.seqlen;
   const long bd = (long)bi * p.dim + ch;
-  const long row = bd * L;
-  const E* u = static_cast<const E*>(p.u) + row;
-  const E* dlt = static_cast<const E*>(p.delta) + row;
-  const E* zr = p.z ? static_cast<const E*>(p.z) + row : nullptr;
-  E* out = static_cast<E*>(p.out) + row;
+  const FwdRow<E> rp(p, bd * L);
+  const E *u = rp.u, *dlt = rp.dlt, *zr = rp.z;
+  E* out = rp.out;
   const int ch0 = blockIdx.x * cpb;  // the block's channels share this B / C group
   const BE* Bb = static_cast<const BE*>(p.B) + ((long)bi * p.B_groups + ch0 / p.B_cpg) * N * (long)L;
   const BE* Cb = static_cast<const BE*>(p.C) + ((long)bi * p.C_groups + ch0 / p.C_cpg) * N * (long)L;
