@@ -59,6 +59,8 @@ static void fill_scan(mb::ScanParams& p, const Tensor& u, const Tensor& delta, c
   const int64_t n = A.size(1);
   TORCH_CHECK(n >= 1 && n <= 256, "n must be in [1, 256]");
   TORCH_CHECK(L >= 1 && L < (int64_t(1) << 31), "L out of range");
+  TORCH_CHECK(b >= 1 && b <= 65535, "batch must be in [1, 65535] (one grid row per batch element)");
+  TORCH_CHECK(d >= 1, "d must be >= 1");
   TORCH_CHECK(B.scalar_type() == C.scalar_type(), "B and C must share a dtype");
   TORCH_CHECK(B.scalar_type() == at::kFloat || B.scalar_type() == u.scalar_type(),
               "B / C must be float32 or u's dtype");
