@@ -315,3 +315,25 @@ def test_channel_first_without_autograd_uses_cached_constants_that_follow_the_we
             layer.mixer.conv1d.weight.mul_(1.5)
     second = both()
     assert not torch.allclose(first, second)
+
+
+def test_channel_first_gradients_with_frozen_projections():
+    """The layout-keeping autograd functions with some weights frozen (no weight gradient wanted) and
+    with batch sizes 1 and 4: the same gradients as the module path, in fp64."""
+    for batch in (1, 4):
+        torch.manual_seed(batch)
+        m = MambaByteLM(MambaByteConfig(d_model=32, n_layer=2)).double()
+        for layer in m.backbone.layers:
+            layer.mixer.in_proj.weight.requires_grad_(False)
+        m.backbone.layers[1].mixer.out_proj.weight.requires_grad_(False)
+        x = torch.randint(0, 256, (batch, 23))
+        grads = []
+        for channel_first in (True, False):
+            for layer in m.backbone.layers:
+                layer.mixer.channel_first = channel_first
+            m.zero_grad()
+            m(x).logits.square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12, msg=name)

@@ -59,21 +59,51 @@ class CausalConv1d(nn.Module):
         return f"channels={self.channels}, width={self.width}, bias={self.bias is not None}"
 
 
-class _LinearToChannels(torch.autograd.Function):
-    """h (b, L, D) @ w.T -> (b, rows, L) contiguous, one batched GEMM; the backward also writes each
-    gradient in its tensor's own layout (dh as (b, L, D)), so no transposed gradient is copied."""
+def _weight_grad(g: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """out = sum_b g[b] @ h[b], one GEMM per batch element accumulating into ``out`` (no (b, rows, cols)
+    intermediate and no separate reduction over the batch)."""
+    torch.mm(g[0], h[0], out=out)
+    for i in range(1, g.shape[0]):
+        out.addmm_(g[i], h[i])
+    return out
+
+
+class _InProjToChannels(torch.autograd.Function):
+    """h (b, L, D) and in_proj's weight (2 di, D) -> x, z, each (b, di, L) contiguous (two batched GEMMs).
+    The backward accumulates dh from both halves in place (no separate add) and writes the weight's
+    gradient as one (2 di, D) tensor (no per-half zero-fill, copy and add through ``narrow``)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, di: int):
         ctx.save_for_backward(h, w)
-        return torch.bmm(w.expand(h.shape[0], -1, -1), h.transpose(1, 2))
+        ctx.di = di
+        ctx.set_materialize_grads(False)
+        b, ht = h.shape[0], h.transpose(1, 2)
+        return torch.bmm(w[:di].expand(b, -1, -1), ht), torch.bmm(w[di:].expand(b, -1, -1), ht)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, gx: Optional[Tensor], gz: Optional[Tensor]):
         h, w = ctx.saved_tensors
-        dh = torch.bmm(g.transpose(1, 2), w.expand(h.shape[0], -1, -1)) if ctx.needs_input_grad[0] else None
-        dw = torch.bmm(g, h).sum(0) if ctx.needs_input_grad[1] else None
-        return dh, dw
+        di, b = ctx.di, h.shape[0]
+        halves = [(g, w[k * di : (k + 1) * di], k) for k, g in enumerate((gx, gz))]
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            for g, wk, _ in halves:
+                if g is None:
+                    continue
+                if dh is None:
+                    dh = torch.bmm(g.transpose(1, 2), wk.expand(b, -1, -1))
+                else:
+                    dh.baddbmm_(g.transpose(1, 2), wk.expand(b, -1, -1))
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(w)
+            for g, _, k in halves:
+                out = dw[k * di : (k + 1) * di]
+                if g is None:
+                    out.zero_()
+                else:
+                    _weight_grad(g, h, out)
+        return dh, dw, None
 
 
 class _LinearFromChannels(torch.autograd.Function):
@@ -88,7 +118,7 @@ class _LinearFromChannels(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         y, w = ctx.saved_tensors
         dy = torch.bmm(w.t().expand(y.shape[0], -1, -1), g.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        dw = torch.bmm(g.transpose(1, 2), y.transpose(1, 2)).sum(0) if ctx.needs_input_grad[1] else None
+        dw = _weight_grad(g.transpose(1, 2), y.transpose(1, 2), torch.empty_like(w)) if ctx.needs_input_grad[1] else None
         return dy, dw
 
 
@@ -223,8 +253,7 @@ class MambaMixer(nn.Module):
         h = hidden_states if cast is None else hidden_states.to(cast)
         w_in = w(self.in_proj.weight)
         if grad:
-            x = _LinearToChannels.apply(h, w_in.narrow(0, 0, di))  # (b, di, L), contiguous
-            z = _LinearToChannels.apply(h, w_in.narrow(0, di, di))
+            x, z = _InProjToChannels.apply(h, w_in, di)  # (b, di, L) each, contiguous
         else:
             h_t = h.transpose(1, 2)
             x = torch.bmm(w_in.narrow(0, 0, di).expand(b, -1, -1), h_t)
