@@ -147,7 +147,146 @@ void launch_e(const AddNormParams& p, cudaStream_t s) {
   else add_norm_kernel<E, E><<<p.rows, kAnThreads, smem, s>>>(p);
 }
 
+// ---- training: fp32 weights and residual stream, statistics saved for the backward -------------------
+
+// grid (rows), block ceil(D / 8 / 32) warps; D % 8 == 0, D <= 8192, 16-byte aligned rows.
+template <typename EH, typename O>
+__global__ void __launch_bounds__(1024) add_norm_train_fwd_kernel(const AddNormTrainParams p) {
+  __shared__ float red[33];
+  const int D = p.dim;
+  const long row = (long)blockIdx.x * D;
+  const int k0 = threadIdx.x * 8;
+  const bool act = k0 < D;
+  float x[8];
+  float s = 0.f;
+  if (act) {
+    load8f<EH>(static_cast<const EH*>(p.hidden) + row + k0, x);
+    if (p.residual) {
+      float r[8];
+      load8f<float>(p.residual + row + k0, r);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] += r[i];
+    }
+    store8<float>(p.residual_out + row + k0, x);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s += x[i];
+  }
+  float mean = 0.f;
+  if (!p.rms) mean = block_sum(s, red) / (float)D;
+  float ss = 0.f;
+  if (act) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float d = x[i] - mean;
+      ss = fmaf(d, d, ss);
+    }
+  }
+  const float rstd = rsqrtf(block_sum(ss, red) / (float)D + p.eps);
+  if (threadIdx.x == 0) {
+    p.mean[blockIdx.x] = mean;
+    p.rstd[blockIdx.x] = rstd;
+  }
+  if (act) {
+    float w[8], b[8];
+    load8f<float>(p.weight + k0, w);
+    if (p.bias) load8f<float>(p.bias + k0, b);
+    alignas(16) O o[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float y = (x[i] - mean) * rstd * w[i];
+      if (p.bias) y += b[i];
+      o[i] = from_float<O>(y);
+    }
+    store8<O>(static_cast<O*>(p.out) + row + k0, o);
+  }
+}
+
+// grid (p.blocks), block ceil(D / 8 / 32) warps; each block walks rows blockIdx.x, + gridDim.x, ...
+// dx = rstd (g - mean(g) - xhat mean(g xhat)) + d(residual_out), g = dy w (RMSNorm: no mean(g) term);
+// dweight / dbias are summed over the block's rows in registers and written as (blocks, D) partials.
+template <typename EH, typename O>
+__global__ void __launch_bounds__(1024) add_norm_train_bwd_kernel(const AddNormTrainParams p) {
+  __shared__ float red[33];
+  const int D = p.dim;
+  const int k0 = threadIdx.x * 8;
+  const bool act = k0 < D;
+  float w[8], dwa[8], dba[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) dwa[i] = dba[i] = 0.f;
+  if (act) load8f<float>(p.weight + k0, w);
+  for (long r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const long row = r * D;
+    const float mean = p.mean[r], rstd = p.rstd[r];
+    float xh[8], g[8], dy[8];
+    float s1 = 0.f, s2 = 0.f;  // sum g xhat, sum g
+    if (act) {
+      load8f<float>(p.residual_out + row + k0, xh);
+      load8f<O>(static_cast<const O*>(p.dout) + row + k0, dy);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        xh[i] = (xh[i] - mean) * rstd;
+        g[i] = dy[i] * w[i];
+        s1 = fmaf(g[i], xh[i], s1);
+        s2 += g[i];
+        dwa[i] = fmaf(dy[i], xh[i], dwa[i]);
+        dba[i] += dy[i];
+      }
+    }
+    const float c1 = block_sum(s1, red) / (float)D;
+    const float c2 = p.rms ? 0.f : block_sum(s2, red) / (float)D;
+    if (act) {
+      float dr[8];
+      if (p.dres) {
+        load8f<float>(p.dres + row + k0, dr);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dr[i] = 0.f;
+      }
+      float dx[8];
+      alignas(16) EH dh[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        dx[i] = fmaf(rstd, g[i] - c2 - xh[i] * c1, dr[i]);
+        dh[i] = from_float<EH>(dx[i]);
+      }
+      store8<EH>(static_cast<EH*>(p.dhidden) + row + k0, dh);
+      if (p.dresidual) store8<float>(p.dresidual + row + k0, dx);
+    }
+  }
+  if (act) {
+    store8<float>(p.dw_part + (long)blockIdx.x * D + k0, dwa);
+    if (p.db_part) store8<float>(p.db_part + (long)blockIdx.x * D + k0, dba);
+  }
+}
+
+template <typename EH, typename O>
+void train_launch(const AddNormTrainParams& p, bool fwd, cudaStream_t s) {
+  const int threads = ((p.dim / 8 + 31) / 32) * 32;
+  if (fwd) add_norm_train_fwd_kernel<EH, O><<<p.rows, threads, 0, s>>>(p);
+  else add_norm_train_bwd_kernel<EH, O><<<p.blocks, threads, 0, s>>>(p);
+}
+
+// (hidden, out) dtype pairs: bf16 / fp16 hidden with an output in the same dtype (autocast), fp32 hidden
+// (the first block's embedding output) with any output.
+bool train_dispatch(const AddNormTrainParams& p, int eh, int o, bool fwd, cudaStream_t s) {
+  if (p.dim % 8 != 0 || p.dim > 8192 || p.rows == 0) return false;
+  if (eh == kBF16 && o == kBF16) return train_launch<__nv_bfloat16, __nv_bfloat16>(p, fwd, s), true;
+  if (eh == kF16 && o == kF16) return train_launch<__half, __half>(p, fwd, s), true;
+  if (eh == kF32 && o == kBF16) return train_launch<float, __nv_bfloat16>(p, fwd, s), true;
+  if (eh == kF32 && o == kF16) return train_launch<float, __half>(p, fwd, s), true;
+  if (eh == kF32 && o == kF32) return train_launch<float, float>(p, fwd, s), true;
+  return false;
+}
+
 }  // namespace
+
+bool add_norm_train_fwd(const AddNormTrainParams& p, int hidden_dtype, int out_dtype, cudaStream_t s) {
+  return train_dispatch(p, hidden_dtype, out_dtype, true, s);
+}
+
+bool add_norm_train_bwd(const AddNormTrainParams& p, int hidden_dtype, int out_dtype, cudaStream_t s) {
+  return train_dispatch(p, hidden_dtype, out_dtype, false, s);
+}
 
 void add_norm(AddNormParams& p, int dtype, cudaStream_t s) {
   if (p.rows == 0) return;

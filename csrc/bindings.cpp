@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -562,6 +563,97 @@ std::vector<Tensor> add_norm(const Tensor& hidden, const OptT& residual, bool re
   return {out, res_out};
 }
 
+static at::ScalarType scalar_of(int64_t code) {
+  TORCH_CHECK(code == mb::kF32 || code == mb::kF16 || code == mb::kBF16, "dtype code must be 0, 1 or 2");
+  return code == mb::kF32 ? at::kFloat : code == mb::kF16 ? at::kHalf : at::kBFloat16;
+}
+
+// Residual add + LayerNorm / RMSNorm for training (fp32 weights and residual stream). hidden (rows, d)
+// contiguous; residual fp32 (rows, d) or none; out_dtype: the normed output's dtype code. Returns
+// [normed, residual_out (fp32), mean, rstd], or [] when the dtypes / width / alignment are not supported.
+std::vector<Tensor> add_norm_train_fwd(const Tensor& hidden, const OptT& residual, const Tensor& weight,
+                                       const OptT& bias, double eps, bool rms, int64_t out_dtype) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  CHECK_CUDA(hidden);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be contiguous (rows, d)");
+  const int64_t rows = hidden.size(0), D = hidden.size(1);
+  auto check_f32 = [&](const Tensor& t, const char* name, int64_t numel) {
+    CHECK_CUDA(t);
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.numel() == numel, name,
+                " must be contiguous fp32 with ", numel, " elements");
+  };
+  check_f32(weight, "norm weight", D);
+  if (bias.has_value()) check_f32(*bias, "norm bias", D);
+  if (residual.has_value()) check_f32(*residual, "residual", rows * D);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  Tensor out = at::empty({rows, D}, hidden.options().dtype(scalar_of(out_dtype)));
+  Tensor res_out = at::empty({rows, D}, f32);
+  Tensor mean = at::empty({rows}, f32), rstd = at::empty({rows}, f32);
+  mb::AddNormTrainParams p;
+  p.rows = (int)rows;
+  p.dim = (int)D;
+  p.rms = rms ? 1 : 0;
+  p.eps = (float)eps;
+  p.hidden = hidden.data_ptr();
+  p.residual = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  p.weight = weight.data_ptr<float>();
+  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.residual_out = res_out.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  if (!aligned16(p.hidden) || !aligned16(p.residual) || !aligned16(p.weight) || !aligned16(p.bias)) return {};
+  if (!mb::add_norm_train_fwd(p, dtype_code(hidden), (int)out_dtype, c10::cuda::getCurrentCUDAStream().stream()))
+    return {};
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, res_out, mean, rstd};
+}
+
+// Its backward: from the forward's residual_out / mean / rstd and the gradients of normed (dout) and of
+// residual_out (dres, or none). Returns [d(hidden) in hidden_dtype, d(residual) fp32 (empty unless
+// want_dresidual), d(weight), d(bias) (empty unless has_bias)], or [] when not supported.
+std::vector<Tensor> add_norm_train_bwd(const Tensor& res_out, const Tensor& mean, const Tensor& rstd,
+                                       const Tensor& weight, bool has_bias, const Tensor& dout, const OptT& dres,
+                                       bool rms, int64_t hidden_dtype, bool want_dresidual) {
+  c10::cuda::CUDAGuard guard(res_out.device());
+  TORCH_CHECK(res_out.dim() == 2 && res_out.is_contiguous() && res_out.scalar_type() == at::kFloat,
+              "residual_out must be contiguous fp32 (rows, d)");
+  const int64_t rows = res_out.size(0), D = res_out.size(1);
+  TORCH_CHECK(dout.is_contiguous() && dout.numel() == rows * D, "dout must be contiguous (rows, d)");
+  if (dres.has_value())
+    TORCH_CHECK(dres->is_contiguous() && dres->scalar_type() == at::kFloat && dres->numel() == rows * D,
+                "dres must be contiguous fp32 (rows, d)");
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * std::max(sms, 1)));
+  auto f32 = res_out.options();
+  Tensor dh = at::empty({rows, D}, res_out.options().dtype(scalar_of(hidden_dtype)));
+  Tensor dr = want_dresidual ? at::empty({rows, D}, f32) : at::empty({0}, f32);
+  Tensor dw_part = at::empty({blocks, D}, f32);
+  Tensor db_part = has_bias ? at::empty({blocks, D}, f32) : at::empty({0}, f32);
+  mb::AddNormTrainParams p;
+  p.rows = (int)rows;
+  p.dim = (int)D;
+  p.rms = rms ? 1 : 0;
+  p.weight = weight.data_ptr<float>();
+  p.residual_out = res_out.data_ptr<float>();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dres = dres.has_value() ? dres->data_ptr<float>() : nullptr;
+  p.dhidden = dh.data_ptr();
+  p.dresidual = want_dresidual ? dr.data_ptr<float>() : nullptr;
+  p.dw_part = dw_part.data_ptr<float>();
+  p.db_part = has_bias ? db_part.data_ptr<float>() : nullptr;
+  p.blocks = (int)blocks;
+  if (!aligned16(p.dout) || !aligned16(p.dres) || !aligned16(p.weight)) return {};
+  if (!mb::add_norm_train_bwd(p, (int)hidden_dtype, dtype_code(dout), c10::cuda::getCurrentCUDAStream().stream()))
+    return {};
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dh, dr, dw_part.sum(0), has_bias ? db_part.sum(0) : db_part};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MambaByte CUDA kernels: resumable selective scan, causal conv1d, decode steps";
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
@@ -571,5 +663,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ssm_step", &ssm_step, "one selective-scan step, in place");
   m.def("conv_step", &conv_step, "one causal-conv step, in place");
   m.def("add_norm", &add_norm, "residual add + LayerNorm / RMSNorm (inference)");
+  m.def("add_norm_train_fwd", &add_norm_train_fwd, "residual add + LayerNorm / RMSNorm for training (forward)");
+  m.def("add_norm_train_bwd", &add_norm_train_bwd, "residual add + LayerNorm / RMSNorm for training (backward)");
   m.def("layer_step", &layer_step, "one Mamba block at decode: add + norm + mixer step, states in place");
 }

@@ -161,6 +161,31 @@ struct AddNormParams {
   void* out = nullptr;
 };
 
+// The same for training (add_norm.cu): fp32 weights, fp32 residual stream (or none: the first block),
+// hidden in EH, the normed output in O; the forward saves each row's mean and 1 / std, the backward
+// returns d(hidden) in EH, d(residual) in fp32 (the same values) and per-block dweight / dbias partials.
+struct AddNormTrainParams {
+  int rows = 0, dim = 0;
+  int rms = 0;
+  float eps = 1e-5f;
+  const void* hidden = nullptr;    // EH (rows, dim)
+  const float* residual = nullptr; // fp32 or null
+  const float* weight = nullptr;   // fp32 (dim,)
+  const float* bias = nullptr;     // fp32 or null
+  float* residual_out = nullptr;   // fp32 (rows, dim): the norm's input, kept for the backward
+  void* out = nullptr;             // O (rows, dim)
+  float* mean = nullptr;           // (rows,)
+  float* rstd = nullptr;           // (rows,)
+  // backward
+  const void* dout = nullptr;      // O (rows, dim)
+  const float* dres = nullptr;     // fp32 (rows, dim) gradient of residual_out, or null
+  void* dhidden = nullptr;         // EH (rows, dim)
+  float* dresidual = nullptr;      // fp32 (rows, dim) or null (no residual input)
+  float* dw_part = nullptr;        // (blocks, dim)
+  float* db_part = nullptr;        // (blocks, dim) or null (no bias)
+  int blocks = 0;                  // backward grid: each block walks rows blockIdx.x, + blocks, ...
+};
+
 constexpr int kLsMaxB = 8;          // batch rows one kernel-1 / kernel-3 block handles (grid.y covers more)
 constexpr int kLsInChannels = 16;   // d_inner channels per kernel-1 block (32 in_proj rows)
 constexpr int kLsGroup = 16;        // kernel-1 blocks per x_proj pre-reduction group
@@ -200,6 +225,9 @@ int layer_step_smem(const LayerStepParams& p, int dtype);
 // pdl: launch with programmatic dependent launch (sm_90+; the kernels wait on their predecessor).
 void layer_step(LayerStepParams& p, int dtype, cudaStream_t s, bool pdl);
 void add_norm(AddNormParams& p, int dtype, cudaStream_t s);
+// Returns false when the (hidden, out) dtype pair or the width is not supported (the caller falls back).
+bool add_norm_train_fwd(const AddNormTrainParams& p, int hidden_dtype, int out_dtype, cudaStream_t s);
+bool add_norm_train_bwd(const AddNormTrainParams& p, int hidden_dtype, int out_dtype, cudaStream_t s);
 void scan_finish(const ScanFinishParams& p, cudaStream_t s);
 
 constexpr int kScanItems = 8;                  // time steps per thread

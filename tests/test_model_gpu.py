@@ -302,3 +302,80 @@ def test_fused_add_norm_is_skipped_under_autograd_and_the_model_agrees(monkeypat
         outs.append((o.logits, o.state.ssm))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("case", ["fp32", "bf16-autocast", "first-block-autocast", "fp16-autocast", "width-1000", "width-1030"])
+def test_fused_add_norm_training_matches_the_torch_ops(monkeypatch, norm, case):
+    """The training add + norm kernels (fp32 weights and residual stream) against add + cast + norm with
+    torch's autograd: the normed output, the new residual, and the gradients of hidden, residual, weight
+    and bias, with and without a gradient reaching the residual output. Width 1030 falls back."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.modules.norms import add_norm, make_norm
+    from mambabyte.ops import cuda_backend
+
+    assert cuda_backend.status()[0]
+    torch.manual_seed(1)
+    D = {"width-1000": 1000, "width-1030": 1030}.get(case, 1024)
+    amp = {"bf16-autocast": torch.bfloat16, "first-block-autocast": torch.bfloat16, "fp16-autocast": torch.float16,
+           "width-1000": torch.bfloat16, "width-1030": torch.bfloat16}.get(case)
+    hdt = torch.float32 if case in ("fp32", "first-block-autocast") else amp
+    with_res = case != "first-block-autocast"
+    mod = make_norm(norm, D, 1e-5, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        mod.weight.copy_(1 + 0.1 * torch.randn(D))
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.copy_(0.1 * torch.randn(D))
+    h0 = (2 * torch.randn(3, 41, D, device="cuda")).to(hdt)
+    r0 = torch.randn(3, 41, D, device="cuda") if with_res else None
+    go = torch.randn(3, 41, D, device="cuda")
+    gr = torch.randn(3, 41, D, device="cuda")
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(cuda_backend, "FUSED_ADD_NORM", fused)
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            taken = cuda_backend.add_norm_train_cuda(h0, r0, mod, True) is not None
+        assert taken == (fused and case != "width-1030")
+        for use_res_grad in (True, False):
+            mod.zero_grad()
+            h = h0.clone().requires_grad_(True)
+            r = r0.clone().requires_grad_(True) if with_res else None
+            with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                n, res = add_norm(h, r, mod, True)
+                loss = (n.float() * go).sum() + ((res * gr).sum() if use_res_grad else 0)
+            loss.backward()
+            results.append((n.detach().float(), res.detach(), h.grad.float(), None if r is None else r.grad,
+                            mod.weight.grad.clone(), None if getattr(mod, "bias", None) is None else mod.bias.grad.clone()))
+    low = amp is not None and case != "fp32"
+    for a, b in zip(results[:2], results[2:]):
+        for x, y in zip(a, b):
+            if x is None:
+                assert y is None
+                continue
+            tol = dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(x, y, **tol)
+
+
+def test_fused_add_norm_training_is_what_a_training_step_uses(monkeypatch):
+    """A model's training step with the fused training add + norm against the torch ops: the same loss
+    and gradients (bf16 autocast, fp32 master weights)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mambabyte.ops import cuda_backend
+
+    m = _random_model(MambaByteConfig(d_model=128, n_layer=2), torch.float32)
+    x = torch.randint(0, 256, (2, 300), device="cuda")
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(cuda_backend, "FUSED_ADD_NORM", fused)
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x[:, :-1]).logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (la, ga), (lb, gb) = runs
+    assert abs(la - lb) < 1e-2 * abs(lb)
+    for name in ga:
+        scale = gb[name].abs().max().clamp(min=1e-6)
+        assert ((ga[name] - gb[name]).abs().max() / scale).item() < 5e-2, name

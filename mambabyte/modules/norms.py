@@ -22,15 +22,19 @@ class RMSNorm(nn.Module):
 
 def add_norm(hidden: torch.Tensor, residual, norm: nn.Module, residual_in_fp32: bool):
     """``residual = hidden + residual`` (fp32 when ``residual_in_fp32``), then ``norm`` of it cast to the
-    norm's dtype. Returns (normed, residual). Without autograd on a CUDA tensor this is one fused kernel
-    (csrc/add_norm.cu); otherwise, and whenever that kernel does not apply, the three torch ops."""
+    norm's dtype. Returns (normed, residual). On a CUDA tensor this is one fused kernel (csrc/add_norm.cu):
+    without autograd for norm weights in hidden's dtype, and with autograd (a forward and a backward
+    kernel) for fp32 norm weights, where the normed output comes in the autocast dtype under autocast;
+    otherwise, and whenever those kernels do not apply, the three torch ops."""
     if hidden.is_cuda:
         from ..ops import cuda_backend_status
 
         if cuda_backend_status()[0]:
-            from ..ops.cuda_backend import add_norm_cuda
+            from ..ops.cuda_backend import add_norm_cuda, add_norm_train_cuda
 
             fused = add_norm_cuda(hidden, residual, norm, residual_in_fp32)
+            if fused is None:
+                fused = add_norm_train_cuda(hidden, residual, norm, residual_in_fp32)
             if fused is not None:
                 return fused
     residual = hidden if residual is None else hidden + residual

@@ -559,6 +559,84 @@ def add_norm_cuda(hidden, residual, norm, residual_in_fp32: bool):
     return out.view(hidden.shape), res.view(hidden.shape)
 
 
+_DT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when its data does not start on a 16-byte boundary (a view at an offset)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+class _AddNormTrainFn(torch.autograd.Function):
+    """Residual add + norm with autograd, two kernels (csrc/add_norm.cu) instead of add, cast, norm, and
+    in the backward the norm's input and weight gradients, the residual gradient's add and the cast."""
+
+    @staticmethod
+    def forward(ctx, hidden, residual, weight, bias, eps, rms, out_dtype):
+        D = hidden.shape[-1]
+        res = _EXT.add_norm_train_fwd(hidden.reshape(-1, D), None if residual is None else residual.reshape(-1, D),
+                                      weight, bias, float(eps), bool(rms), _DT_CODE[out_dtype])
+        if not res:
+            raise RuntimeError("add_norm_train_fwd: not supported here")  # checked by the caller first
+        out, res_out, mean, rstd = res
+        ctx.save_for_backward(res_out, mean, rstd, weight)
+        ctx.rms, ctx.has_bias, ctx.has_res = bool(rms), bias is not None, residual is not None
+        ctx.hidden_dtype, ctx.out_dtype, ctx.shape = hidden.dtype, out_dtype, hidden.shape
+        ctx.set_materialize_grads(False)
+        return out.view(hidden.shape), res_out.view(hidden.shape)
+
+    @staticmethod
+    def backward(ctx, dout, dres):
+        res_out, mean, rstd, weight = ctx.saved_tensors
+        D = res_out.shape[-1]
+        if dout is None:
+            dout = torch.zeros(res_out.shape, device=res_out.device, dtype=ctx.out_dtype)
+        dout = _aligned(dout.reshape(-1, D).contiguous())
+        dres = None if dres is None else _aligned(dres.reshape(-1, D).float().contiguous())
+        dh, dr, dw, db = _EXT.add_norm_train_bwd(res_out, mean, rstd, weight, ctx.has_bias, dout, dres, ctx.rms,
+                                                 _DT_CODE[ctx.hidden_dtype], ctx.has_res)
+        return (dh.view(ctx.shape), dr.view(ctx.shape) if ctx.has_res else None, dw,
+                db if ctx.has_bias else None, None, None, None)
+
+
+def add_norm_train_cuda(hidden, residual, norm, residual_in_fp32: bool):
+    """The fused residual add + norm with autograd (training) when it applies, else None: CUDA, fp32
+    norm weights, a residual stream in fp32 (or none), LayerNorm (affine) or RMSNorm, width a multiple
+    of 8 up to 8192, no hooks on the norm. The normed output is in the autocast dtype under autocast
+    (what the mixer's GEMMs read), else in the weights' fp32, as the unfused path gives it."""
+    from ..modules.norms import RMSNorm
+
+    ext = _EXT
+    if not FUSED_ADD_NORM or ext is None or not hasattr(ext, "add_norm_train_fwd"):
+        return None
+    rms = isinstance(norm, RMSNorm)
+    if not rms and not (isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine
+                        and len(norm.normalized_shape) == 1):
+        return None
+    w, bias = norm.weight, getattr(norm, "bias", None)
+    D = hidden.shape[-1]
+    if hidden.numel() == 0 or w.dtype != torch.float32 or w.shape != (D,) or D % 8 or D > 8192 \
+            or hidden.dtype not in _DT_CODE:
+        return None
+    if bias is not None and bias.dtype != torch.float32:
+        return None
+    if residual is not None and residual.dtype != torch.float32:
+        return None
+    if not (residual_in_fp32 or hidden.dtype == torch.float32):
+        return None
+    dev = hidden.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    if hidden.dtype != torch.float32 and hidden.dtype != out_dtype:
+        return None  # the kernels take (bf16, bf16), (fp16, fp16) and fp32 hidden with any output
+    if _has_hooks(norm):
+        return None
+    hidden = hidden.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    if any(t is not None and t.data_ptr() % 16 for t in (hidden, residual, w, bias)):
+        return None
+    return _AddNormTrainFn.apply(hidden, residual, w, bias, norm.eps, rms, out_dtype)
+
+
 def _block_consts(mixer) -> Tuple[torch.Tensor, ...]:
     """fp32 copies the kernels read (A = -exp(A_log), D, conv weight / bias, dt bias), rebuilt when a
     parameter changes (new storage or an in-place update bumps its version)."""
