@@ -343,6 +343,9 @@ def test_fused_add_norm_training_matches_the_torch_ops(monkeypatch, norm, case):
             r = r0.clone().requires_grad_(True) if with_res else None
             with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
                 n, res = add_norm(h, r, mod, True)
+                # as the mixer reads it: in the autocast dtype (the torch ops' fp32 output is cast there,
+                # so its gradient is rounded to that dtype as the fused output's is)
+                n = n.to(amp) if amp is not None else n
                 loss = (n.float() * go).sum() + ((res * gr).sum() if use_res_grad else 0)
             loss.backward()
             results.append((n.detach().float(), res.detach(), h.grad.float(), None if r is None else r.grad,
