@@ -475,7 +475,8 @@ FUSED_MAX_BATCH = int(os.environ.get("MAMBABYTE_FUSED_MAX_BATCH", "4") or 4)
 PDL = os.environ.get("MAMBABYTE_PDL", "1") != "0"
 
 
-# The fused residual add + norm for forwards without autograd (MAMBABYTE_FUSED_ADD_NORM=0 turns it off).
+# The fused residual add + norm, for forwards without autograd and (fp32 norm weights) for training
+# (MAMBABYTE_FUSED_ADD_NORM=0 turns both off).
 FUSED_ADD_NORM = os.environ.get("MAMBABYTE_FUSED_ADD_NORM", "1") != "0"
 
 
