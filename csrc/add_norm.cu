@@ -69,6 +69,39 @@ __device__ __forceinline__ void store8(T* dst, const T (&v)[8]) {
   for (int k = 0; k < 8 * (int)sizeof(T) / 16; ++k) reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(v)[k];
 }
 
+// mean (0 for RMSNorm) and 1 / std of a row whose values the block's threads hold 8 each in registers
+// (x; act: this thread holds some; s: the sum of its values). Every thread of the block calls it.
+__device__ __forceinline__ void row_stats8(const float (&x)[8], bool act, float s, int D, bool rms, float eps,
+                                           float* red, float& mean, float& rstd) {
+  mean = rms ? 0.f : block_sum(s, red) / (float)D;
+  float ss = 0.f;
+  if (act) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float d = x[i] - mean;
+      ss = fmaf(d, d, ss);
+    }
+  }
+  rstd = rsqrtf(block_sum(ss, red) / (float)D + eps);
+}
+
+// out[k0 .. k0 + 8) = (x - mean) * rstd * weight (+ bias), in O.
+template <typename W, typename O>
+__device__ __forceinline__ void norm_store8(const float (&x)[8], float mean, float rstd, const W* weight, const W* bias,
+                                            int k0, O* out) {
+  float w[8], b[8];
+  load8f<W>(weight + k0, w);
+  if (bias) load8f<W>(bias + k0, b);
+  alignas(16) O o[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float y = (x[i] - mean) * rstd * w[i];
+    if (bias) y += b[i];
+    o[i] = from_float<O>(y);
+  }
+  store8<O>(out + k0, o);
+}
+
 // The same arithmetic with each thread owning 8 consecutive values of the row in registers: 16-byte
 // loads and stores, no shared-memory copy of the row. grid (rows), block ceil(D / 8 / 32) warps;
 // needs D % 8 == 0, D <= 8192 and 16-byte aligned rows (checked by the launcher).
@@ -99,30 +132,11 @@ __global__ void __launch_bounds__(1024) add_norm_vec_kernel(const AddNormParams 
     }
     store8<RT>(static_cast<RT*>(p.residual_out) + row + k0, ro);
   }
-  float mean = 0.f;
-  if (!p.rms) mean = block_sum(s, red) / (float)D;
-  float ss = 0.f;
-  if (act) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float d = x[i] - mean;
-      ss = fmaf(d, d, ss);
-    }
-  }
-  const float rstd = rsqrtf(block_sum(ss, red) / (float)D + p.eps);
-  if (act) {
-    float w[8], b[8];
-    load8f<E>(static_cast<const E*>(p.weight) + k0, w);
-    if (p.bias) load8f<E>(static_cast<const E*>(p.bias) + k0, b);
-    alignas(16) E o[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float y = (x[i] - mean) * rstd * w[i];
-      if (p.bias) y += b[i];
-      o[i] = from_float<E>(y);
-    }
-    store8<E>(static_cast<E*>(p.out) + row + k0, o);
-  }
+  float mean, rstd;
+  row_stats8(x, act, s, D, p.rms, p.eps, red, mean, rstd);
+  if (act)
+    norm_store8<E, E>(x, mean, rstd, static_cast<const E*>(p.weight), static_cast<const E*>(p.bias), k0,
+                      static_cast<E*>(p.out) + row);
 }
 
 inline bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -171,34 +185,13 @@ __global__ void __launch_bounds__(1024) add_norm_train_fwd_kernel(const AddNormT
 #pragma unroll
     for (int i = 0; i < 8; ++i) s += x[i];
   }
-  float mean = 0.f;
-  if (!p.rms) mean = block_sum(s, red) / (float)D;
-  float ss = 0.f;
-  if (act) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float d = x[i] - mean;
-      ss = fmaf(d, d, ss);
-    }
-  }
-  const float rstd = rsqrtf(block_sum(ss, red) / (float)D + p.eps);
+  float mean, rstd;
+  row_stats8(x, act, s, D, p.rms, p.eps, red, mean, rstd);
   if (threadIdx.x == 0) {
     p.mean[blockIdx.x] = mean;
     p.rstd[blockIdx.x] = rstd;
   }
-  if (act) {
-    float w[8], b[8];
-    load8f<float>(p.weight + k0, w);
-    if (p.bias) load8f<float>(p.bias + k0, b);
-    alignas(16) O o[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float y = (x[i] - mean) * rstd * w[i];
-      if (p.bias) y += b[i];
-      o[i] = from_float<O>(y);
-    }
-    store8<O>(static_cast<O*>(p.out) + row + k0, o);
-  }
+  if (act) norm_store8<float, O>(x, mean, rstd, p.weight, p.bias, k0, static_cast<O*>(p.out) + row);
 }
 
 // grid (p.blocks), block ceil(D / 8 / 32) warps; each block walks rows blockIdx.x, + gridDim.x, ...
