@@ -416,8 +416,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(const Sc
         const float Q = dA[i] * G;                   // reaches h_{t-1} through step t
         const float hprev = (i == 0) ? hin : hv[i - 1];
         const float Qh = Q * hprev;
-        dda[i] = fmaf(G * uv[i], Bv[i], fmaf(Qh, a, dda[i]));
-        dua[i] = fmaf(G * dl[i], Bv[i], dua[i]);
+        const float GB = G * Bv[i];  // shared by d(delta) and d(u)
+        dda[i] = fmaf(GB, uv[i], fmaf(Qh, a, dda[i]));
+        dua[i] = fmaf(GB, dl[i], dua[i]);
         gA = fmaf(Qh, dl[i], gA);
         vB[i] = G * dl[i] * uv[i];
         vC[i] = dy[i] * hv[i];
