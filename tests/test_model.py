@@ -244,6 +244,19 @@ def test_forward_equals_an_independent_mamba_ssm_transcription(norm):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+def _on_both_paths(m, run):
+    """``run(m)`` with every mixer on the channel-first path, then on the module path; each time after
+    zeroing the gradients. Returns [(run's result, {name: gradient} of the parameters that want one)]."""
+    results = []
+    for channel_first in (True, False):
+        for layer in m.backbone.layers:
+            layer.mixer.channel_first = channel_first
+        m.zero_grad()
+        out = run(m)
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    return results
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_channel_first_forward_equals_the_module_path(bias):
     """The (b, d, L) GEMM layout (no transposes, Δ bias in the scan, SiLU in the conv) computes the same
@@ -253,15 +266,13 @@ def test_channel_first_forward_equals_the_module_path(bias):
     x = torch.randint(0, 256, (3, 37))
     with torch.no_grad():
         start = m(x[:, :10], return_state=True).state
-    runs = []
-    for channel_first in (True, False):
-        for layer in m.backbone.layers:
-            layer.mixer.channel_first = channel_first
-        m.zero_grad()
+
+    def run(m):
         out = m(x[:, 10:], state=start, return_state=True)
         (out.logits.square().mean() + out.state.ssm.sum() + out.state.conv.sum()).backward()
-        runs.append((out.logits.detach(), out.state, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (la, sa, ga), (lb, sb, gb) = runs
+        return out.logits.detach(), out.state
+
+    ((la, sa), ga), ((lb, sb), gb) = _on_both_paths(m, run)
     torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sa.ssm, sb.ssm, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sa.conv, sb.conv, rtol=1e-12, atol=1e-12)
@@ -327,13 +338,7 @@ def test_channel_first_gradients_with_frozen_projections():
             layer.mixer.in_proj.weight.requires_grad_(False)
         m.backbone.layers[1].mixer.out_proj.weight.requires_grad_(False)
         x = torch.randint(0, 256, (batch, 23))
-        grads = []
-        for channel_first in (True, False):
-            for layer in m.backbone.layers:
-                layer.mixer.channel_first = channel_first
-            m.zero_grad()
-            m(x).logits.square().mean().backward()
-            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+        grads = [g for _, g in _on_both_paths(m, lambda m: m(x).logits.square().mean().backward())]
         assert grads[0].keys() == grads[1].keys()
         for name in grads[0]:
             torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12, msg=name)
