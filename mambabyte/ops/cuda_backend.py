@@ -529,17 +529,26 @@ def fused_block_step_unsupported(model, state, batch: int) -> Optional[str]:
     return None
 
 
+def _fusable_norm(norm, entry: str) -> Optional[bool]:
+    """Whether the add + norm kernels take ``norm``: True for RMSNorm, False for an affine LayerNorm over
+    one dimension; None for any other norm, or when fusing is off (MAMBABYTE_FUSED_ADD_NORM=0) or the
+    extension lacks ``entry``."""
+    from ..modules.norms import RMSNorm
+
+    if not FUSED_ADD_NORM or _EXT is None or not hasattr(_EXT, entry):
+        return None
+    if isinstance(norm, RMSNorm):
+        return True
+    if isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine and len(norm.normalized_shape) == 1:
+        return False
+    return None
+
+
 def add_norm_cuda(hidden, residual, norm, residual_in_fp32: bool):
     """The fused residual add + norm (csrc/add_norm.cu) when it applies, else None: CUDA, no autograd,
     LayerNorm (affine) or RMSNorm in hidden's dtype, contiguous inputs, no hooks on the norm."""
-    from ..modules.norms import RMSNorm
-
-    ext = _EXT
-    if not FUSED_ADD_NORM or ext is None or not hasattr(ext, "add_norm") or hidden.dtype not in _SUPPORTED:
-        return None
-    rms = isinstance(norm, RMSNorm)
-    if not rms and not (isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine
-                        and len(norm.normalized_shape) == 1):
+    rms = _fusable_norm(norm, "add_norm")
+    if rms is None or hidden.dtype not in _SUPPORTED:
         return None
     w = norm.weight
     bias = getattr(norm, "bias", None)
@@ -555,8 +564,8 @@ def add_norm_cuda(hidden, residual, norm, residual_in_fp32: bool):
         return None
     if _has_hooks(norm):
         return None
-    out, res = ext.add_norm(hidden.reshape(-1, D), None if residual is None else residual.reshape(-1, D),
-                            residual_in_fp32, w, bias, float(norm.eps), rms)
+    out, res = _EXT.add_norm(hidden.reshape(-1, D), None if residual is None else residual.reshape(-1, D),
+                             residual_in_fp32, w, bias, float(norm.eps), rms)
     return out.view(hidden.shape), res.view(hidden.shape)
 
 
@@ -605,14 +614,8 @@ def add_norm_train_cuda(hidden, residual, norm, residual_in_fp32: bool):
     norm weights, a residual stream in fp32 (or none), LayerNorm (affine) or RMSNorm, width a multiple
     of 8 up to 8192, no hooks on the norm. The normed output is in the autocast dtype under autocast
     (what the mixer's GEMMs read), else in the weights' fp32, as the unfused path gives it."""
-    from ..modules.norms import RMSNorm
-
-    ext = _EXT
-    if not FUSED_ADD_NORM or ext is None or not hasattr(ext, "add_norm_train_fwd"):
-        return None
-    rms = isinstance(norm, RMSNorm)
-    if not rms and not (isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine
-                        and len(norm.normalized_shape) == 1):
+    rms = _fusable_norm(norm, "add_norm_train_fwd")
+    if rms is None:
         return None
     w, bias = norm.weight, getattr(norm, "bias", None)
     D = hidden.shape[-1]
