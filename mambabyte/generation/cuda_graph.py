@@ -14,7 +14,7 @@ same batch size replays without re-capturing. Nothing in a replay synchronises w
 from __future__ import annotations
 
 import logging
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -87,6 +87,23 @@ class EagerForward:
         return out.logits[0], out.state
 
 
+def _capture_forward(model, ids: Tensor, state: MambaState, warmup: int, **kwargs):
+    """``model(ids, state=state, return_state=True, **kwargs)`` run ``warmup`` times on a side stream
+    (workspaces and kernel choices settle outside the capture), then captured in a CUDA graph on the
+    static buffers ``ids`` / ``state``. Returns (graph, the captured call's output)."""
+    dev = model.device
+    side = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            model(ids, state=state, return_state=True, **kwargs)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = model(ids, state=state, return_state=True, **kwargs)
+    return graph, out
+
+
 class GraphedForward:
     """The resumable forward over a fixed number of bytes L (batch 1), captured in a CUDA graph.
 
@@ -102,15 +119,7 @@ class GraphedForward:
         self.length = length
         self.ids = torch.full((1, length), 32, dtype=torch.long, device=dev)
         self.state_in = model.allocate_state(1, device=dev)
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):
-                model(self.ids, state=self.state_in, return_state=True)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            out = model(self.ids, state=self.state_in, return_state=True)
+        self.graph, out = _capture_forward(model, self.ids, self.state_in, warmup)
         self.logits, self.state_out = out.logits[0], out.state
 
     def __call__(self, ids: Tensor, state: MambaState):
@@ -162,22 +171,19 @@ class GraphedPrefill:
         self.batch, self.length = batch, length
         self.ids = torch.full((batch, length), 32, dtype=torch.long, device=dev)
         self.state_in = model.allocate_state(batch, device=dev)
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):
-                model(self.ids, state=self.state_in, return_state=True, num_last_tokens=1)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            out = model(self.ids, state=self.state_in, return_state=True, num_last_tokens=1)
+        self.graph, out = _capture_forward(model, self.ids, self.state_in, warmup, num_last_tokens=1)
         self.logits, self.state_out = out.logits[:, -1], out.state
 
-    def __call__(self, ids: Tensor, state: MambaState):
+    def __call__(self, ids: Tensor, state: Optional[MambaState]):
+        """``state`` None: from the zero state."""
         self.ids.copy_(ids)
-        self.state_in.copy_(state)
+        if state is None:
+            self.state_in.reset()
+        else:
+            self.state_in.copy_(state)
         self.graph.replay()
-        new = MambaState(self.state_out.conv.clone(), self.state_out.ssm.clone(), state.bytes_consumed + self.length)
+        base = state.bytes_consumed if state is not None else 0
+        new = MambaState(self.state_out.conv.clone(), self.state_out.ssm.clone(), base + self.length)
         return self.logits.float(), new
 
 

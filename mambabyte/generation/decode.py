@@ -81,7 +81,7 @@ def prefill(
 
             runner = get_prefill_graph(model, len(rows), L)
         if runner is not None:
-            lg, st = runner(ids, src if src is not None else model.allocate_state(len(rows)))
+            lg, st = runner(ids, src)
         else:
             lg, st = forward_chunked(model, ids, src, chunk_bytes)
         idx = torch.tensor(rows, device=dev)
