@@ -139,8 +139,6 @@ __global__ void __launch_bounds__(1024) add_norm_vec_kernel(const AddNormParams 
                       static_cast<E*>(p.out) + row);
 }
 
-inline bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 template <typename E>
 void launch_e(const AddNormParams& p, cudaStream_t s) {
   if (p.dim % 8 == 0 && p.dim <= 8192 && aligned16(p.hidden) && aligned16(p.residual) && aligned16(p.residual_out) &&

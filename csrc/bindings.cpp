@@ -30,7 +30,7 @@ static int dtype_code(const Tensor& t) {
   return -1;
 }
 
-static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+using mb::aligned16;
 
 static const float* opt_f32(const OptT& t, const char* name, int64_t numel) {
   if (!t.has_value()) return nullptr;
@@ -623,10 +623,7 @@ std::vector<Tensor> add_norm_train_bwd(const Tensor& res_out, const Tensor& mean
   if (dres.has_value())
     TORCH_CHECK(dres->is_contiguous() && dres->scalar_type() == at::kFloat && dres->numel() == rows * D,
                 "dres must be contiguous fp32 (rows, d)");
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * std::max(sms, 1)));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * mb::sm_count()));
   auto f32 = res_out.options();
   Tensor dh = at::empty({rows, D}, res_out.options().dtype(scalar_of(hidden_dtype)));
   Tensor dr = want_dresidual ? at::empty({rows, D}, f32) : at::empty({0}, f32);

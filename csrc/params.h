@@ -230,6 +230,19 @@ bool add_norm_train_fwd(const AddNormTrainParams& p, int hidden_dtype, int out_d
 bool add_norm_train_bwd(const AddNormTrainParams& p, int hidden_dtype, int out_dtype, cudaStream_t s);
 void scan_finish(const ScanFinishParams& p, cudaStream_t s);
 
+// Host helpers shared by the launchers and the bindings.
+// The current device's SM count, queried once per device (132, an H100's, if the query fails).
+inline int sm_count() {
+  static int counts[64] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return 132;
+  if (!counts[dev]) cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev);
+  return counts[dev] > 0 ? counts[dev] : 132;
+}
+// A null pointer, or one on a 16-byte boundary (what the kernels' vector loads need).
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
 constexpr int kScanItems = 8;                  // time steps per thread
 constexpr int kScanChunk = 32 * kScanItems;    // time steps per warp per chunk
 

@@ -54,7 +54,7 @@ void scan_finish(const ScanFinishParams& p, cudaStream_t s) {
                      (p.B_var ? (long)p.B_rows * p.seqlen : dn) + (p.C_var ? (long)p.C_rows * p.seqlen : dn);
   if (total == 0) return;
   const int threads = 256;
-  const int blocks = (int)std::min<long>((total + threads - 1) / threads, 132L * 8);
+  const int blocks = (int)std::min<long>((total + threads - 1) / threads, 8L * sm_count());
   if (p.bc_dtype == kF16) scan_finish_kernel<__half><<<blocks, threads, 0, s>>>(p);
   else if (p.bc_dtype == kBF16) scan_finish_kernel<__nv_bfloat16><<<blocks, threads, 0, s>>>(p);
   else scan_finish_kernel<float><<<blocks, threads, 0, s>>>(p);

@@ -757,15 +757,6 @@ inline void scan_smem_attr(K kernel, size_t sm) {
   if (sm > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
 }
 
-inline int scan_sm_count() {
-  static int counts[64] = {0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return 132;
-  if (!counts[dev]) cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev);
-  return counts[dev] > 0 ? counts[dev] : 132;
-}
-
 // Where the state-parallel forward runs (p.fwd_sp: 0 never, 1 wherever the shapes allow it, -1 auto):
 // d_state 16 with variable B and C, and in auto mode where its parallelism beats splitting time,
 // i.e. short sequences (one stage of kScanChunk steps or less) or at least a warp of channels for
@@ -776,7 +767,7 @@ inline bool scan_fwd_use_sp(const ScanParams& p) {
   constexpr int kCPW = SpShape<4>::kCPW;
   if (p.dim % kCPW || p.B_cpg % kCPW || p.C_cpg % kCPW) return false;
   if (p.fwd_sp == 1) return true;
-  return p.seqlen <= kScanChunk || (long)p.batch * p.dim / kCPW >= 4L * scan_sm_count();
+  return p.seqlen <= kScanChunk || (long)p.batch * p.dim / kCPW >= 4L * sm_count();
 }
 
 // Launches the state-parallel forward with 8, 4, 2 or 1 warps a block: the most that still gives
@@ -789,7 +780,7 @@ void scan_fwd_sp_go(ScanParams& p, cudaStream_t s) {
     const int cpb = nw * Sh::kCPW;
     return p.dim % cpb == 0 && p.B_cpg % cpb == 0 && p.C_cpg % cpb == 0;
   };
-  const long want = 2L * scan_sm_count();
+  const long want = 2L * sm_count();
   int nw = 8;
   while (nw > 1 && (!fits(nw) || (long)p.batch * (p.dim / (nw * Sh::kCPW)) < want)) nw >>= 1;
   const size_t sm = 2 * 2 * 16 * (size_t)kSpStride * sizeof(BE) +
